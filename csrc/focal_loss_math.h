@@ -1,0 +1,129 @@
+// Focal-loss math shared by the CPU and CUDA kernels.
+//
+// Plain C++ with __host__ __device__ annotations: no ATen, no torch, no CUDA
+// runtime headers. The CPU kernel compiles it with the host compiler and the
+// CUDA kernels with nvcc, so the CPU tests prove the very formulas the GPU runs.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FOCAL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FOCAL_HOST_DEVICE inline
+#endif
+
+namespace focal_cuda {
+
+// Reduction codes: the same numbering as at::Reduction.
+enum ReductionMode : int { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+// Target dtypes read as they are (no conversion copy); see load_target.
+enum TargetKind : int { kTargetUInt8 = 0, kTargetInt16 = 1, kTargetInt32 = 2, kTargetInt64 = 3 };
+
+FOCAL_HOST_DEVICE long long load_target(const void* target, long long index, int kind) {
+  switch (kind) {
+    case kTargetUInt8:
+      return static_cast<const unsigned char*>(target)[index];
+    case kTargetInt16:
+      return static_cast<const short*>(target)[index];
+    case kTargetInt32:
+      return static_cast<const int*>(target)[index];
+    default:
+      return static_cast<const long long*>(target)[index];
+  }
+}
+
+// Overloads so templates can call exp/log/... for float and double alike
+// without picking up the double versions for float.
+FOCAL_HOST_DEVICE float math_exp(float x) { return expf(x); }
+FOCAL_HOST_DEVICE double math_exp(double x) { return exp(x); }
+FOCAL_HOST_DEVICE float math_log(float x) { return logf(x); }
+FOCAL_HOST_DEVICE double math_log(double x) { return log(x); }
+FOCAL_HOST_DEVICE float math_expm1(float x) { return expm1f(x); }
+FOCAL_HOST_DEVICE double math_expm1(double x) { return expm1(x); }
+FOCAL_HOST_DEVICE float math_pow(float x, float y) { return powf(x, y); }
+FOCAL_HOST_DEVICE double math_pow(double x, double y) { return pow(x, y); }
+
+// A running (max, sum of exp(x - max)) pair: the online-softmax state.
+template <typename acc_t>
+struct LogSumExpState {
+  acc_t max;
+  acc_t sum;
+};
+
+// exp(from - to) * sum, with an empty state (sum == 0, max == -inf) staying
+// empty instead of producing exp(-inf + inf) = NaN.
+template <typename acc_t>
+FOCAL_HOST_DEVICE acc_t rescale_sum(acc_t sum, acc_t from, acc_t to) {
+  return sum == acc_t(0) ? acc_t(0) : sum * math_exp(from - to);
+}
+
+template <typename acc_t>
+FOCAL_HOST_DEVICE LogSumExpState<acc_t> lse_add(LogSumExpState<acc_t> s, acc_t x) {
+  if (x > s.max) {
+    s.sum = rescale_sum(s.sum, s.max, x) + acc_t(1);
+    s.max = x;
+  } else {
+    // NaN in x lands here and poisons the sum, as log_softmax would.
+    s.sum += math_exp(x - s.max);
+  }
+  return s;
+}
+
+template <typename acc_t>
+FOCAL_HOST_DEVICE LogSumExpState<acc_t> lse_merge(LogSumExpState<acc_t> a, LogSumExpState<acc_t> b) {
+  const acc_t m = a.max > b.max ? a.max : b.max;
+  LogSumExpState<acc_t> out;
+  out.max = m;
+  out.sum = rescale_sum(a.sum, a.max, m) + rescale_sum(b.sum, b.max, m);
+  return out;
+}
+
+// Per-element focal terms from log p_t.
+//
+//   loss      = -alpha (1 - p)^gamma log p
+//   dloss/dx_j = alpha F (p_j - [j == t]),
+//   F         = (1 - p)^gamma - gamma p (1 - p)^(gamma - 1) log p
+//             = (1 - p)^gamma (1 - gamma p log(p) / (1 - p)).
+//
+// The second form evaluates no negative power, so gamma in (0, 1) with
+// p -> 1 stays finite (log(p) / (1 - p) -> -1). 1 - p comes from
+// -expm1(log p), which keeps its digits when p is close to 1.
+template <typename acc_t>
+struct FocalTerms {
+  acc_t loss;            // -alpha (1-p)^gamma log p
+  acc_t grad_coef;       // alpha F: the gradient is grad_coef * (p_j - [j == t])
+  acc_t one_minus_p;     // 1 - p_t, for the j == t gradient: -grad_coef (1 - p_t)
+};
+
+template <typename acc_t>
+FOCAL_HOST_DEVICE FocalTerms<acc_t> focal_terms(acc_t log_p, acc_t gamma, acc_t alpha) {
+  const acc_t one_minus_p = -math_expm1(log_p);
+  const acc_t p = math_exp(log_p);
+  acc_t modulating;  // (1 - p)^gamma
+  if (gamma == acc_t(0)) {
+    modulating = acc_t(1);  // also 0^0 = 1
+  } else if (gamma == acc_t(1)) {
+    modulating = one_minus_p;
+  } else if (gamma == acc_t(2)) {
+    modulating = one_minus_p * one_minus_p;
+  } else {
+    modulating = math_pow(one_minus_p, gamma);
+  }
+  // log(p) / (1 - p), with its limit -1 where p rounds to 1.
+  const acc_t log_p_over_q = one_minus_p > acc_t(0) ? log_p / one_minus_p : acc_t(-1);
+  FocalTerms<acc_t> t;
+  t.loss = -alpha * modulating * log_p;
+  t.grad_coef = alpha * modulating * (acc_t(1) - gamma * p * log_p_over_q);
+  t.one_minus_p = one_minus_p;
+  return t;
+}
+
+// Gradient of one logit given its softmax probability p_j.
+template <typename acc_t>
+FOCAL_HOST_DEVICE acc_t focal_grad(const FocalTerms<acc_t>& t, acc_t p_j, bool is_target) {
+  return is_target ? -t.grad_coef * t.one_minus_p : t.grad_coef * p_j;
+}
+
+}  // namespace focal_cuda

@@ -1,0 +1,50 @@
+// Operator schemas, defined once. The implementations register per dispatch key
+// in csrc/cpu/ and csrc/cuda/; autograd and fake (meta) kernels are registered
+// from Python (focal_cuda/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FOCAL_CUDA_BUILT_WITH_CUDA
+#define FOCAL_CUDA_BUILT_WITH_CUDA 0
+#endif
+#ifndef FOCAL_CUDA_ARCH_LIST
+#define FOCAL_CUDA_ARCH_LIST ""
+#endif
+#ifndef FOCAL_CUDA_CUDA_VERSION
+#define FOCAL_CUDA_CUDA_VERSION ""
+#endif
+#ifndef FOCAL_CUDA_TORCH_VERSION
+#define FOCAL_CUDA_TORCH_VERSION ""
+#endif
+
+TORCH_LIBRARY(focal_cuda, m) {
+  // Loss, the gradient with respect to the logits (empty unless compute_grad), and a
+  // (3,) state: [forward gradient scale, backward gradient scale, consumed flag].
+  m.def(
+      "softmax_focal_loss_forward(Tensor input, Tensor target, Tensor? class_weight, float alpha, float gamma, "
+      "int ignore_index, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad_input, Tensor state)");
+  // Applies grad_output to the forward's gradient in place (skipped on the device when
+  // the scale is exactly 1) and marks the state consumed.
+  m.def("softmax_focal_loss_backward_(Tensor(a!) grad_input, Tensor(b!) state, Tensor grad_output) -> ()");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", FOCAL_CUDA_BUILT_WITH_CUDA ? Py_True : Py_False, "cuda_version",
+                       FOCAL_CUDA_CUDA_VERSION, "cuda_arch_list", FOCAL_CUDA_ARCH_LIST, "torch_version",
+                       FOCAL_CUDA_TORCH_VERSION);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this build of focal_cuda was compiled with."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "focal_cuda operators (registered under torch.ops.focal_cuda)",
+                      -1, methods, nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+// Importing focal_cuda._C runs the static TORCH_LIBRARY registrations above.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

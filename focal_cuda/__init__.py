@@ -1,0 +1,21 @@
+"""focal_cuda: fused focal loss for PyTorch, one kernel pass on CPU and CUDA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _C, _ops  # noqa: F401  (registers the operators)
+from . import reference
+from .functional import softmax_focal_loss
+from .modules import FusedFocalLoss
+
+__all__ = ["FusedFocalLoss", "build_info", "reference", "softmax_focal_loss"]
+__version__ = "0.1.0"
+
+
+def build_info() -> dict[str, Any]:
+    """What this build was compiled with: ``cuda`` (bool), ``cuda_version``, ``cuda_arch_list``, ``torch_version``."""
+    info = dict(_C.build_info())
+    info["cuda_arch_list"] = [a for a in info["cuda_arch_list"].replace(" ", ";").split(";") if a]
+    info["cuda_version"] = info["cuda_version"] or None
+    return info

@@ -1,0 +1,72 @@
+"""Functional interface: thin, typed wrappers over torch.ops.focal_cuda.*."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+
+from . import _ops
+
+__all__ = ["softmax_focal_loss"]
+
+Alpha = Union[None, float, Sequence[float], torch.Tensor]
+
+
+def reduction_code(reduction: str) -> int:
+    try:
+        return _ops._REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got reduction={reduction!r}") from None
+
+
+def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tensor], float]:
+    """Returns (per-class weight tensor or None, scalar weight)."""
+    if alpha is None:
+        return None, 1.0
+    if isinstance(alpha, torch.Tensor):
+        if alpha.requires_grad:
+            raise ValueError("alpha must not require grad: focal_cuda differentiates with respect to the logits only, "
+                             "got alpha.requires_grad=True")
+        if alpha.dim() == 0:
+            return None, float(alpha)
+        return alpha, 1.0
+    if isinstance(alpha, (int, float)):
+        return None, float(alpha)
+    if isinstance(alpha, Sequence):
+        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        return torch.tensor(list(alpha), dtype=dtype, device=input.device), 1.0
+    raise TypeError(f"alpha must be None, a float, a sequence of per-class floats or a 1-D tensor, got alpha={alpha!r}")
+
+
+def softmax_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 2.0,
+    alpha: Alpha = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Softmax focal loss, ``-alpha_y (1 - p_y)**gamma log p_y`` with ``p = softmax(input, dim=1)``.
+
+    Args:
+        input: logits ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16, bfloat16, float32 or float64.
+        target: class indices ``(N)`` or ``(N, d1, ..., dk)``; int64, int32, int16 or uint8.
+        gamma: focusing parameter, a finite float ``>= 0``.
+        alpha: ``None``, a float weighting every class, or ``C`` per-class weights (``alpha[y]``).
+        ignore_index: targets equal to it contribute 0 and are not counted by ``"mean"``.
+        reduction: ``"none"`` (target-shaped), ``"sum"``, or ``"mean"`` (sum / non-ignored count; 0 if none).
+
+    One fused kernel computes loss, reduction and (when ``input`` requires grad) the gradient.
+    """
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
+    code = reduction_code(reduction)
+    class_weight, alpha_scalar = _split_alpha(alpha, input)
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = torch.ops.focal_cuda.softmax_focal_loss_forward(
+        input, target, class_weight, alpha_scalar, float(gamma), int(ignore_index), code, compute_grad
+    )
+    return loss

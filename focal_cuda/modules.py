@@ -1,0 +1,53 @@
+"""nn.Module interface."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import Alpha, reduction_code, softmax_focal_loss
+
+__all__ = ["FusedFocalLoss"]
+
+
+class FusedFocalLoss(nn.Module):
+    """Focal loss as a module: a drop-in for ``FocalLoss(gamma, alpha, reduction)`` and ``nn.CrossEntropyLoss``.
+
+    ``mode="softmax"``: ``input`` ``(N, C, ...)`` logits, ``target`` ``(N, ...)`` class indices.
+    A per-class ``alpha`` is kept as a buffer, so it follows ``.to(device)``.
+    """
+
+    class_weight: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: Alpha = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        mode: str = "softmax",
+    ) -> None:
+        super().__init__()
+        if mode != "softmax":
+            raise ValueError(f"mode must be 'softmax', got mode={mode!r}")
+        reduction_code(reduction)
+        self.gamma = float(gamma)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+        self.mode = mode
+        self.alpha_scalar: Optional[float] = None
+        if alpha is None or isinstance(alpha, (int, float)):
+            self.alpha_scalar = None if alpha is None else float(alpha)
+            self.register_buffer("class_weight", None)
+        else:
+            self.register_buffer("class_weight", torch.as_tensor(alpha, dtype=torch.float32).detach().clone())
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        alpha = self.class_weight if self.class_weight is not None else self.alpha_scalar
+        return softmax_focal_loss(input, target, self.gamma, alpha, self.ignore_index, self.reduction)
+
+    def extra_repr(self) -> str:
+        alpha = "per-class" if self.class_weight is not None else self.alpha_scalar
+        return f"mode={self.mode!r}, gamma={self.gamma}, alpha={alpha}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
