@@ -52,7 +52,7 @@ def _nvidia_wheel_include_flags() -> list[str]:
     # Torch's CUDA headers include cuBLAS/cuSPARSE headers that a minimal toolkit
     # lacks; the nvidia wheels torch depends on ship them. -isystem puts them after
     # the toolkit's own include directory, so they only fill the gaps.
-    dirs = sorted({d for path in sys.path for d in glob.glob(os.path.join(path, "nvidia", "cu*", "include"))})
+    dirs = sorted({d for path in sys.path for d in glob.glob(os.path.join(path, "nvidia", "cu[0-9]*", "include"))})
     return [flag for d in dirs for flag in ("-isystem", d)]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from . import _C, _ops  # noqa: F401  (registers the operators)
 from . import reference
 from .functional import softmax_focal_loss

@@ -1,0 +1,100 @@
+"""Reads the built extension's CUDA machine code: one cubin per architecture, no spills, no local memory.
+
+Needs no GPU, only a CUDA build of the extension (FORCE_CUDA=1) and cuobjdump (from the CUDA
+toolkit, the `nvidia-cuda-cuobjdump` wheel, or the copy that triton ships).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import focal_cuda
+
+INFO = focal_cuda.build_info()
+pytestmark = pytest.mark.skipif(not INFO["cuda"], reason="extension built without CUDA kernels")
+
+
+def _find_cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump")]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        candidates.append(os.path.join(cuda_home, "bin", "cuobjdump"))
+    for path in sys.path:
+        candidates.append(os.path.join(path, "nvidia", "cu13", "bin", "cuobjdump"))
+        candidates.append(os.path.join(path, "nvidia", "cuda_cuobjdump", "bin", "cuobjdump"))
+        candidates.append(os.path.join(path, "triton", "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+CUOBJDUMP = _find_cuobjdump()
+LIBRARY = Path(focal_cuda._C.__file__)
+
+
+def _run(*args: str) -> str:
+    if CUOBJDUMP is None:
+        pytest.fail("cuobjdump not found: install nvidia-cuda-cuobjdump or put the CUDA toolkit's bin on PATH")
+    return subprocess.run([CUOBJDUMP, *args, str(LIBRARY)], check=True, capture_output=True, text=True).stdout
+
+
+def _expected_sm_archs() -> set[str]:
+    archs = set()
+    for entry in INFO["cuda_arch_list"]:
+        major, minor = entry.replace("+PTX", "").split(".")
+        archs.add(f"sm_{major}{minor}")
+    return archs
+
+
+def test_machine_code_for_every_architecture():
+    listed = set(re.findall(r"\.(sm_\d+a?)\.cubin", _run("--list-elf")))
+    expected = _expected_sm_archs()
+    assert expected, "build_info() lists no CUDA architecture"
+    assert expected <= listed, f"cubins missing for {sorted(expected - listed)}; found {sorted(listed)}"
+
+
+def test_ptx_for_forward_compatibility():
+    if not any("+PTX" in a for a in INFO["cuda_arch_list"]):
+        pytest.skip("built without +PTX")
+    assert re.search(r"\.sm_\d+a?\.ptx", _run("--list-ptx")), "no PTX embedded for newer GPUs"
+
+
+def _resource_usage() -> list[tuple[str, str, dict[str, int]]]:
+    """(architecture, kernel, {REG, STACK, SHARED, LOCAL, ...}) for every focal_cuda kernel."""
+    rows, arch = [], None
+    for line in _run("--dump-resource-usage").splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            fields = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.split(":", 1)[1])}
+            rows.append((arch, name, fields))
+            continue
+        # The figures may stand on the line after the function name.
+        if rows and "REG:" in line and not rows[-1][2]:
+            rows[-1] = (rows[-1][0], rows[-1][1], {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
+    return [r for r in rows if "focal_cuda" in r[1]]
+
+
+def test_no_spills_and_no_local_memory():
+    usage = _resource_usage()
+    archs = {arch for arch, _, _ in usage}
+    assert _expected_sm_archs() <= archs, f"resource usage missing for {sorted(_expected_sm_archs() - archs)}"
+    kernels = {name for _, name, _ in usage}
+    for needed in ("softmax_focal_loss_rows_kernel", "softmax_focal_loss_channels_kernel",
+                   "softmax_focal_loss_backward_kernel", "count_valid_targets_kernel"):
+        assert any(needed in k for k in kernels), f"{needed} not found in the binary"
+    offenders = [(arch, name, f) for arch, name, f in usage if f.get("STACK", 0) or f.get("LOCAL", 0)]
+    assert not offenders, "kernels using stack or local memory (spills):\n" + "\n".join(
+        f"{arch} {name} {f}" for arch, name, f in offenders)
+    for arch, name, f in usage:
+        assert "REG" in f, f"no register count parsed for {arch} {name}: {f}"
+        assert f["REG"] <= 255
