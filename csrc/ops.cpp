@@ -20,12 +20,18 @@
 TORCH_LIBRARY(focal_cuda, m) {
   // Loss, the gradient with respect to the logits (empty unless compute_grad), and a
   // (3,) state: [forward gradient scale, backward gradient scale, consumed flag].
+  // inplace_backward=True lets an eager backward consume the returned grad_input in
+  // place (the caller promises not to use it): what the Python wrappers pass.
   m.def(
       "softmax_focal_loss_forward(Tensor input, Tensor target, Tensor? class_weight, float alpha, float gamma, "
-      "int ignore_index, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad_input, Tensor state)");
+      "int ignore_index, int reduction, bool compute_grad, bool inplace_backward=False) "
+      "-> (Tensor loss, Tensor grad_input, Tensor state)");
   // Applies grad_output to the forward's gradient in place (skipped on the device when
   // the scale is exactly 1) and marks the state consumed.
   m.def("softmax_focal_loss_backward_(Tensor(a!) grad_input, Tensor(b!) state, Tensor grad_output) -> ()");
+  // The same as a new tensor, for traced graphs (torch.compile), which cannot
+  // mutate a saved activation: always one pass, never skipped.
+  m.def("softmax_focal_loss_backward(Tensor grad_input, Tensor state, Tensor grad_output) -> Tensor");
 }
 
 namespace {

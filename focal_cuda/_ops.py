@@ -16,7 +16,9 @@ _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
 @torch.library.register_fake(f"{_LIB}::softmax_focal_loss_forward")
-def _softmax_focal_loss_forward_fake(input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad):
+def _softmax_focal_loss_forward_fake(
+    input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, inplace_backward=False
+):
     loss = input.new_empty(target.shape) if reduction == _REDUCTIONS["none"] else input.new_empty(())
     grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
     state = input.new_empty((3,), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
@@ -24,34 +26,47 @@ def _softmax_focal_loss_forward_fake(input, target, class_weight, alpha, gamma, 
 
 
 @torch.library.register_fake(f"{_LIB}::softmax_focal_loss_backward_")
-def _softmax_focal_loss_backward_fake(grad_input, state, grad_output):
+def _softmax_focal_loss_backward_inplace_fake(grad_input, state, grad_output):
     return None
 
 
+@torch.library.register_fake(f"{_LIB}::softmax_focal_loss_backward")
+def _softmax_focal_loss_backward_fake(grad_input, state, grad_output):
+    return torch.empty_like(grad_input)
+
+
 def _softmax_focal_loss_setup_context(ctx, inputs, output):
+    input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, *rest = inputs
     _, grad_input, state = output
     ctx.mark_non_differentiable(grad_input, state)
     ctx.save_for_backward(grad_input, state)
+    ctx.inplace_backward = bool(rest and rest[0])
     ctx.backward_done = False
+    # Called directly with compute_grad=False on an input that requires grad: keep
+    # what a recomputation needs (the Python wrappers never take this path).
+    ctx.recompute_args = None if compute_grad else (input.detach(), target, class_weight, alpha, gamma, ignore_index, reduction)
 
 
 def _softmax_focal_loss_backward(ctx, grad_loss, _grad_grad_input, _grad_state):
-    if ctx.backward_done:
+    grad_input, state = ctx.saved_tensors
+    if ctx.recompute_args is not None:
+        with torch.no_grad():
+            _, grad_input, state = torch.ops.focal_cuda.softmax_focal_loss_forward(*ctx.recompute_args, True)
+    if not ctx.inplace_backward or type(grad_input) is not torch.Tensor:
+        # The caller may still hold grad_input, or the backward is being traced
+        # (torch.compile, export, fake tensors: a graph may not mutate a saved
+        # activation): the gradient is a new tensor.
+        return torch.ops.focal_cuda.softmax_focal_loss_backward(grad_input, state, grad_loss), *([None] * 8)
+    if ctx.backward_done and ctx.recompute_args is None:
         raise RuntimeError(
             "softmax_focal_loss: this forward's gradient was already consumed by a backward; a second backward "
             "through the same graph (retain_graph=True) is not supported: run the forward again"
         )
     ctx.backward_done = True
-    grad_input, state = ctx.saved_tensors
-    if grad_input.dim() < 2:
-        raise RuntimeError(
-            "softmax_focal_loss: the forward ran without a gradient (no_grad, or an input that did not require "
-            "grad), so there is nothing to backpropagate"
-        )
-    # The forward's gradient buffer is consumed in place: no N x C allocation in backward,
-    # and no pass at all when grad_output times the stored scale is exactly 1.
+    # Eager: the forward's gradient buffer is consumed in place. No N x C allocation in
+    # backward, and no pass at all when grad_output times the stored scale is exactly 1.
     torch.ops.focal_cuda.softmax_focal_loss_backward_(grad_input, state, grad_loss)
-    return grad_input, None, None, None, None, None, None, None
+    return grad_input, *([None] * 8)
 
 
 torch.library.register_autograd(

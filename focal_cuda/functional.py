@@ -67,6 +67,6 @@ def softmax_focal_loss(
     class_weight, alpha_scalar = _split_alpha(alpha, input)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _, _ = torch.ops.focal_cuda.softmax_focal_loss_forward(
-        input, target, class_weight, alpha_scalar, float(gamma), int(ignore_index), code, compute_grad
+        input, target, class_weight, alpha_scalar, float(gamma), int(ignore_index), code, compute_grad, True
     )
     return loss

@@ -220,7 +220,8 @@ int64_t scan_targets(const SoftmaxFocalForwardPlan& plan, int64_t ignore_index) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight, double alpha,
-    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad) {
+    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward) {
+  (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
                                               compute_grad);
   const int64_t valid = scan_targets(plan, ignore_index);
@@ -275,27 +276,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cpu(
   return {out.loss, out.grad, out.state};
 }
 
-void softmax_focal_loss_backward_cpu(at::Tensor& grad_input, at::Tensor& state, const at::Tensor& grad_output) {
-  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
+// grad_output times the stored backward scale: a scalar, or (N, d1..dk) broadcast over C.
+at::Tensor backward_multiplier(const at::Tensor& grad_input, const at::Tensor& state, const at::Tensor& grad_output,
+                               bool scalar_grad_output, bool* is_one) {
   const auto state_values = state.to(at::kDouble);
   const double* sv = state_values.const_data_ptr<double>();
-  TORCH_CHECK(sv[2] == 0.0,
-              "softmax_focal_loss: this forward's gradient was already consumed by a backward; a second backward "
-              "through the same graph (retain_graph=True) is not supported: run the forward again");
   if (scalar_grad_output) {
     const double scale = grad_output.item<double>() * sv[1];
-    if (scale != 1.0) grad_input.mul_(scale);
-  } else {
-    grad_input.mul_(grad_output.unsqueeze(1));
+    *is_one = scale == 1.0;
+    return at::scalar_tensor(scale, grad_input.options().dtype(at::kDouble));
   }
+  *is_one = false;
+  return grad_output.unsqueeze(1);
+}
+
+void softmax_focal_loss_backward_inplace_cpu(at::Tensor& grad_input, at::Tensor& state, const at::Tensor& grad_output) {
+  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
+  TORCH_CHECK(state[2].item<double>() == 0.0,
+              "softmax_focal_loss: this forward's gradient was already consumed by a backward; a second backward "
+              "through the same graph (retain_graph=True) is not supported: run the forward again");
+  bool is_one = false;
+  const auto multiplier = backward_multiplier(grad_input, state, grad_output, scalar_grad_output, &is_one);
+  if (!is_one) grad_input.mul_(multiplier);
   state[2] = 1;
+}
+
+at::Tensor softmax_focal_loss_backward_cpu(const at::Tensor& grad_input, const at::Tensor& state,
+                                           const at::Tensor& grad_output) {
+  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
+  bool is_one = false;
+  const auto multiplier = backward_multiplier(grad_input, state, grad_output, scalar_grad_output, &is_one);
+  return grad_input.mul(multiplier).to(grad_input.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(focal_cuda, CPU, m) {
   m.impl("softmax_focal_loss_forward", &softmax_focal_loss_forward_cpu);
-  m.impl("softmax_focal_loss_backward_", &softmax_focal_loss_backward_cpu);
+  m.impl("softmax_focal_loss_backward_", &softmax_focal_loss_backward_inplace_cpu);
+  m.impl("softmax_focal_loss_backward", &softmax_focal_loss_backward_cpu);
 }
 
 }  // namespace focal_cuda

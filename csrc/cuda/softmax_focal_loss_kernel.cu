@@ -104,7 +104,8 @@ void launch_forward(const SoftmaxFocalForwardPlan& plan, const SoftmaxFocalForwa
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight, double alpha,
-    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad) {
+    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward) {
+  (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
                                               compute_grad);
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -153,13 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cuda(
   return {out.loss, out.grad, out.state};
 }
 
-void softmax_focal_loss_backward_cuda(at::Tensor& grad_input, at::Tensor& state, const at::Tensor& grad_output) {
-  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
-  const c10::cuda::CUDAGuard device_guard(grad_input.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+// out = grad_input * grad_output * state[1]; out may be grad_input itself.
+void launch_backward(const at::Tensor& grad_input, at::Tensor& out, const at::Tensor& state,
+                     const at::Tensor& grad_output, bool scalar_grad_output) {
   const auto strides = collapse_to_ncs_strides(grad_input);
-  TORCH_CHECK(strides.has_value() && grad_input.is_non_overlapping_and_dense(),
-              "softmax_focal_loss_backward_: grad_input must be the dense gradient buffer returned by the forward");
+  TORCH_CHECK(strides.has_value() && grad_input.is_non_overlapping_and_dense() && out.strides() == grad_input.strides(),
+              "softmax_focal_loss_backward: grad_input must be the dense gradient buffer returned by the forward");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SoftmaxFocalGeometry g;
   g.rows = grad_input.size(0);
   g.classes = grad_input.size(1);
@@ -171,30 +172,48 @@ void softmax_focal_loss_backward_cuda(at::Tensor& grad_input, at::Tensor& state,
     using dev_t = typename DeviceScalar<scalar_t>::type;
     using acc_t = typename device::AccumulateType<dev_t>::type;
     constexpr int kVec = 16 / sizeof(dev_t);
-    auto* grad = reinterpret_cast<dev_t*>(grad_input.data_ptr());
+    const auto* in_ptr = reinterpret_cast<const dev_t*>(grad_input.const_data_ptr());
+    auto* out_ptr = reinterpret_cast<dev_t*>(out.data_ptr());
     const auto* go_ptr = reinterpret_cast<const dev_t*>(go.const_data_ptr());
     const auto* state_ptr = state.const_data_ptr<acc_t>();
     const device::Geometry dg = device_geometry(g);
-    if (scalar_grad_output && total % kVec == 0 && aligned_16(grad)) {
+    if (scalar_grad_output && total % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr)) {
       const int64_t grid = grid_size(total / kVec, kBlock, kBlock);
       device::softmax_focal_loss_backward_kernel<dev_t, kBlock, kVec>
-          <<<grid, kBlock, 0, stream>>>(grad, dg, go_ptr, true, state_ptr);
+          <<<grid, kBlock, 0, stream>>>(in_ptr, out_ptr, dg, go_ptr, true, state_ptr);
     } else {
       const int64_t grid = grid_size(total, kBlock, kBlock);
       device::softmax_focal_loss_backward_kernel<dev_t, kBlock, 1>
-          <<<grid, kBlock, 0, stream>>>(grad, dg, go_ptr, scalar_grad_output, state_ptr);
+          <<<grid, kBlock, 0, stream>>>(in_ptr, out_ptr, dg, go_ptr, scalar_grad_output, state_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Mark the buffer consumed (all-ones bytes: a NaN, so != 0) after the kernel has read the flag.
-    C10_CUDA_CHECK(cudaMemsetAsync(state.data_ptr<acc_t>() + 2, 0xff, sizeof(acc_t), stream));
   });
+}
+
+void softmax_focal_loss_backward_inplace_cuda(at::Tensor& grad_input, at::Tensor& state, const at::Tensor& grad_output) {
+  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
+  const c10::cuda::CUDAGuard device_guard(grad_input.device());
+  launch_backward(grad_input, grad_input, state, grad_output, scalar_grad_output);
+  // Mark the buffer consumed (all-ones bytes: a NaN, so != 0) after the kernel has read the flag.
+  C10_CUDA_CHECK(cudaMemsetAsync(static_cast<unsigned char*>(state.data_ptr()) + 2 * state.element_size(), 0xff,
+                                 state.element_size(), at::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor softmax_focal_loss_backward_cuda(const at::Tensor& grad_input, const at::Tensor& state,
+                                            const at::Tensor& grad_output) {
+  const bool scalar_grad_output = check_softmax_focal_loss_backward(grad_input, state, grad_output);
+  const c10::cuda::CUDAGuard device_guard(grad_input.device());
+  auto out = at::empty_like(grad_input, at::MemoryFormat::Preserve);
+  launch_backward(grad_input, out, state, grad_output, scalar_grad_output);
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(focal_cuda, CUDA, m) {
   m.impl("softmax_focal_loss_forward", &softmax_focal_loss_forward_cuda);
-  m.impl("softmax_focal_loss_backward_", &softmax_focal_loss_backward_cuda);
+  m.impl("softmax_focal_loss_backward_", &softmax_focal_loss_backward_inplace_cuda);
+  m.impl("softmax_focal_loss_backward", &softmax_focal_loss_backward_cuda);
 }
 
 }  // namespace focal_cuda

@@ -402,16 +402,16 @@ __global__ void __launch_bounds__(BLOCK)
 }
 
 // ---------------------------------------------------------------------------
-// Backward: grad_input (the forward's gradient, consumed in place) times
-// grad_output times state[1]. With a scalar grad_output whose scale is exactly
-// 1 (loss.backward() on "sum", or on "mean" with the count folded into the
-// forward) the kernel returns at once: the N x C pass is skipped on the device,
-// without a host synchronisation. A buffer already consumed (state[2] != 0, a
-// second backward through a compiled graph) turns the result into NaN rather
-// than a silently wrong gradient.
+// Backward: the forward's gradient times grad_output times state[1], written to
+// `out` (== `grad` when the buffer is consumed in place). In place, with a scalar
+// grad_output whose scale is exactly 1 (loss.backward() on "sum", or on "mean"
+// with the count folded into the forward) the kernel returns at once: the N x C
+// pass is skipped on the device, without a host synchronisation. A buffer
+// already consumed (state[2] != 0) turns the result into NaN rather than a
+// silently wrong gradient.
 template <typename scalar_t, int BLOCK, int VEC>
 __global__ void __launch_bounds__(BLOCK)
-    softmax_focal_loss_backward_kernel(scalar_t* __restrict__ grad, Geometry g,
+    softmax_focal_loss_backward_kernel(const scalar_t* grad, scalar_t* out, Geometry g,
                                        const scalar_t* __restrict__ grad_output, bool scalar_grad_output,
                                        const typename AccumulateType<scalar_t>::type* __restrict__ state) {
   using acc_t = typename AccumulateType<scalar_t>::type;
@@ -420,13 +420,13 @@ __global__ void __launch_bounds__(BLOCK)
   const long long stride = static_cast<long long>(gridDim.x) * BLOCK;
   if (scalar_grad_output) {
     const acc_t scale = to_acc(grad_output[0]) * state[1] * consumed_factor;
-    if (scale == acc_t(1)) return;
-    // The buffer is dense (it mirrors a dense input, or is contiguous): walk its storage.
+    if (scale == acc_t(1) && grad == out) return;
+    // Both buffers are dense with the same strides: walk their storage.
     for (long long i = (static_cast<long long>(blockIdx.x) * BLOCK + threadIdx.x) * VEC; i < total; i += stride * VEC) {
-      Packed<scalar_t, VEC> x = *reinterpret_cast<Packed<scalar_t, VEC>*>(grad + i);
+      Packed<scalar_t, VEC> x = *reinterpret_cast<const Packed<scalar_t, VEC>*>(grad + i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) x.v[k] = from_acc<scalar_t>(to_acc(x.v[k]) * scale);
-      *reinterpret_cast<Packed<scalar_t, VEC>*>(grad + i) = x;
+      *reinterpret_cast<Packed<scalar_t, VEC>*>(out + i) = x;
     }
     return;
   }
@@ -436,8 +436,8 @@ __global__ void __launch_bounds__(BLOCK)
     const long long s = i % g.spatial;
     const long long c = (i / g.spatial) % g.classes;
     const long long n = i / (g.spatial * g.classes);
-    scalar_t* x = grad + n * g.grad_stride_n + c * g.grad_stride_c + s * g.grad_stride_s;
-    *x = from_acc<scalar_t>(to_acc(*x) * to_acc(grad_output[n * g.spatial + s]) * scale);
+    const long long offset = n * g.grad_stride_n + c * g.grad_stride_c + s * g.grad_stride_s;
+    out[offset] = from_acc<scalar_t>(to_acc(grad[offset]) * to_acc(grad_output[n * g.spatial + s]) * scale);
   }
 }
 

@@ -12,7 +12,7 @@ namespace fd = focal_cuda::device;
   template __global__ void fd::softmax_focal_loss_rows_kernel<T, 512, 512, VEC>(                                \
       const T*, T*, T*, fd::Geometry, fd::ForwardArgs<fd::AccumulateType<T>::type>);                            \
   template __global__ void fd::softmax_focal_loss_backward_kernel<T, 256, VEC>(                                 \
-      T*, fd::Geometry, const T*, bool, const fd::AccumulateType<T>::type*);
+      const T*, T*, fd::Geometry, const T*, bool, const fd::AccumulateType<T>::type*);
 
 #define FOCAL_INSTANTIATE(T)                                                                                    \
   FOCAL_INSTANTIATE_FORWARD(T, 1)                                                                               \
