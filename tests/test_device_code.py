@@ -40,7 +40,7 @@ def test_no_negative_power_in_the_math():
     assert not re.search(r"gamma\s*-\s*1", re.sub(r"//.*", "", text)), "pow(x, gamma - 1) must not be evaluated"
 
 
-@pytest.mark.parametrize("arch", ["sm_75", "sm_120"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"])
 def test_device_code_compiles_alone(arch: str, tmp_path: Path):
     nvcc = _nvcc()
     if nvcc is None:

@@ -16,6 +16,10 @@ namespace device {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Every kernel asks only for one resident block per SM. Left to its own
+// heuristics, ptxas squeezes some variants (float channels kernel on sm_80/sm_90,
+// double rows kernels on sm_120) into 32 to 64 registers and spills.
+constexpr int kMinBlocksPerSM = 1;
 
 template <typename scalar_t>
 struct AccumulateType {
@@ -193,7 +197,7 @@ __device__ void reduce_and_finalize(acc_t loss, long long count, const ForwardAr
 // count of non-ignored targets must be known before any gradient is written.
 // Reads the targets only (1 to 8 bytes per position).
 template <int BLOCK, typename acc_t>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
     count_valid_targets_kernel(const void* target, int target_kind, long long positions, long long classes,
                                long long ignore_index, long long* partial_count, unsigned int* ticket, acc_t* state) {
   __shared__ long long shared_count[BLOCK / kWarpSize];
@@ -261,10 +265,8 @@ __device__ __forceinline__ FocalTerms<acc_t> position_terms(const ForwardArgs<ac
 // GROUP <= 32: several positions per warp; GROUP == BLOCK: one position per
 // block, any C (no shared-memory bound: two passes over the row, the second
 // mostly from L2). VEC > 1 moves 16 bytes per access (unit class stride, aligned rows).
-// One resident block per SM is the guaranteed minimum: lets ptxas keep the
-// double-precision, vectorised variant in registers (no spills).
 template <typename scalar_t, int BLOCK, int GROUP, int VEC>
-__global__ void __launch_bounds__(BLOCK, 1)
+__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
     softmax_focal_loss_rows_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ grad,
                                    scalar_t* __restrict__ loss_out, Geometry g,
                                    ForwardArgs<typename AccumulateType<scalar_t>::type> a) {
@@ -359,7 +361,7 @@ __global__ void __launch_bounds__(BLOCK, 1)
 // read neighbouring spatial positions, so every class's load is coalesced and
 // the input is read in place, never permuted.
 template <typename scalar_t, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
     softmax_focal_loss_channels_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ grad,
                                        scalar_t* __restrict__ loss_out, Geometry g,
                                        ForwardArgs<typename AccumulateType<scalar_t>::type> a) {
@@ -410,7 +412,7 @@ __global__ void __launch_bounds__(BLOCK)
 // already consumed (state[2] != 0) turns the result into NaN rather than a
 // silently wrong gradient.
 template <typename scalar_t, int BLOCK, int VEC>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
     softmax_focal_loss_backward_kernel(const scalar_t* grad, scalar_t* out, Geometry g,
                                        const scalar_t* __restrict__ grad_output, bool scalar_grad_output,
                                        const typename AccumulateType<scalar_t>::type* __restrict__ state) {

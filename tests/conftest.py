@@ -1,0 +1,203 @@
+"""Shared fixtures and helpers for the focal_cuda tests.
+
+Every test gets a ``device`` ("cpu" always, "cuda" skipped without a GPU) and a
+``gen``: a CPU generator seeded from the test's id, so inputs are fresh per test
+yet reproducible, and identical on CPU and CUDA (values are drawn on the CPU in
+float64 and then moved / rounded).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import pytest
+import torch
+
+import focal_cuda
+from focal_cuda import reference
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def randn(shape: Sequence[int], gen: torch.Generator, *, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
+    """Standard normal values drawn on the CPU in float64, then rounded to ``dtype`` on ``device``."""
+    return (torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def make_target(
+    input_shape: Sequence[int],
+    gen: torch.Generator,
+    *,
+    device="cpu",
+    dtype=torch.int64,
+    ignore_index: int = -100,
+    ignore_frac: float = 0.0,
+) -> torch.Tensor:
+    """Random class indices of shape (N, d1..dk) for logits (N, C, d1..dk), a fraction set to ``ignore_index``."""
+    shape = (input_shape[0], *input_shape[2:])
+    t = torch.randint(0, input_shape[1], shape, generator=gen, dtype=torch.int64)
+    if ignore_frac > 0:
+        mask = torch.rand(shape, generator=gen) < ignore_frac
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return t.to(dtype=dtype, device=device)
+
+
+def make_alpha(kind: Optional[str], num_classes: int, gen: torch.Generator, device="cpu") -> Any:
+    """alpha of the given kind: None, "float", "list" (python floats) or "tensor" (1-D float32 tensor)."""
+    if kind is None:
+        return None
+    if kind == "float":
+        return 0.25
+    weights = torch.rand(num_classes, generator=gen, dtype=torch.float64) * 2 + 0.1
+    if kind == "list":
+        return weights.tolist()
+    if kind == "tensor":
+        return weights.to(dtype=torch.float32, device=device)
+    raise ValueError(kind)
+
+
+def alpha_as_float64(alpha: Any) -> Any:
+    """The same alpha for the float64 reference (a float32 tensor upcast, values unchanged)."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.detach().double()
+    return alpha
+
+
+# ----------------------------------------------------------------------------- tolerances
+
+# Multiples of the dtype's eps. float16 / bfloat16 results are an accurate float32
+# value rounded once (twice for a gradient scaled in backward): about one eps.
+_EPS_MULT = {torch.float64: 256.0, torch.float32: 64.0, torch.bfloat16: 2.0, torch.float16: 2.0}
+
+
+def tolerances(dtype: torch.dtype, scale: float) -> dict:
+    """rtol / atol for comparing a ``dtype`` result with a float64 reference whose magnitude is ``scale``."""
+    eps = torch.finfo(dtype).eps
+    tol = _EPS_MULT[dtype] * eps
+    # float16 gradients may land in the subnormal range, spaced 2**-24 apart.
+    floor = 4.0 * 2.0**-24 if dtype == torch.float16 else 4.0 * torch.finfo(dtype).smallest_normal
+    return dict(rtol=tol, atol=max(tol * scale, floor))
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """Compares ``actual`` (a ``dtype`` result) with a float64 ``expected``, NaN-safe, tolerance from the dtype."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().cpu().double(),
+        expected.detach().cpu().double(),
+        equal_nan=True,
+        msg=lambda m: f"{msg}\n{m}",
+        **tolerances(dtype, scale),
+    )
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+
+def fused_loss_and_grad(input: torch.Tensor, target: torch.Tensor, grad_output: Optional[torch.Tensor], **kwargs):
+    """Fused loss and d(loss . grad_output)/d(input) for a fresh leaf with ``input``'s values and strides."""
+    x = input.detach().requires_grad_()
+    loss = focal_cuda.softmax_focal_loss(x, target, **kwargs)
+    if grad_output is None:
+        return loss, None
+    (grad,) = torch.autograd.grad(loss, x, grad_output)
+    return loss, grad
+
+
+def reference_loss_and_grad(input: torch.Tensor, target: torch.Tensor, grad_output: Optional[torch.Tensor], **kwargs):
+    """The float64 reference on the same (already rounded) values, with its autograd gradient."""
+    kwargs = dict(kwargs)
+    kwargs["alpha"] = alpha_as_float64(kwargs.get("alpha"))
+    x = input.detach().double().requires_grad_()
+    loss = reference.softmax_focal_loss(x, target, **kwargs)
+    if grad_output is None:
+        return loss, None
+    (grad,) = torch.autograd.grad(loss, x, grad_output.double())
+    return loss, grad
+
+
+def random_grad_output(loss_shape: Sequence[int], gen: torch.Generator, dtype, device) -> torch.Tensor:
+    """A random upstream gradient: per element for "none", a scalar for "sum" / "mean"."""
+    return randn(loss_shape, gen, dtype=dtype, device=device)
+
+
+def assert_close_to_reference(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    gen: Optional[torch.Generator] = None,
+    *,
+    grad: bool = True,
+    grad_output: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The one comparison of the suite: fused loss (and gradient) against the float64 reference.
+
+    ``kwargs`` are softmax_focal_loss's (gamma, alpha, ignore_index, reduction). With ``grad``
+    the gradient is taken for ``grad_output`` (random from ``gen`` when not given). Every element
+    is compared (NaN where the reference has NaN), so an element the kernel never wrote fails.
+    Returns the fused (loss, grad).
+    """
+    dtype = input.dtype
+    reduction = kwargs.get("reduction", "mean")
+    if grad and grad_output is None:
+        shape = target.shape if reduction == "none" else ()
+        grad_output = random_grad_output(shape, gen, dtype, input.device)
+    loss, g = fused_loss_and_grad(input, target, grad_output if grad else None, **kwargs)
+    ref_loss, ref_g = reference_loss_and_grad(input, target, grad_output if grad else None, **kwargs)
+    assert loss.dtype == dtype, f"loss dtype {loss.dtype} != input dtype {dtype}"
+    assert loss.device == input.device
+    assert_close_scaled(loss, ref_loss, dtype, f"loss {kwargs}")
+    if grad:
+        assert g.dtype == dtype and g.shape == input.shape
+        assert_close_scaled(g, ref_g, dtype, f"grad {kwargs}")
+    return loss, g
+
+
+def closed_form_grad(
+    input: torch.Tensor, target: torch.Tensor, gamma: float, ignore_index: int = -100, reduction: str = "none",
+    grad_output: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """d loss / d input in float64 without autograd, finite at saturated logits for every gamma >= 0.
+
+    dL/dx_j = F (p_j - [j == y]), F = (1-p)^gamma (1 - gamma p log(p) / (1-p)), p = p_y,
+    with log(p)/(1-p) -> -1 as p -> 1 (no negative power is evaluated). alpha = None.
+    """
+    x = input.detach().double()
+    t = target.long()
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    logp = torch.log_softmax(x, dim=1)
+    p_all = logp.exp()
+    logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    q = -torch.expm1(logp_t)
+    p = logp_t.exp()
+    ratio = torch.where(q > 0, logp_t / torch.where(q > 0, q, torch.ones_like(q)), -torch.ones_like(q))
+    modulating = torch.ones_like(q) if gamma == 0 else q**gamma
+    coef = modulating * (1 - gamma * p * ratio)
+    coef = torch.where(valid, coef, torch.zeros_like(coef))
+    if grad_output is not None:
+        coef = coef * grad_output.double()
+    if reduction == "mean":
+        coef = coef / valid.sum().clamp(min=1)
+    onehot = torch.zeros_like(x).scatter_(1, safe.unsqueeze(1), 1.0)
+    return coef.unsqueeze(1) * (p_all - onehot)
