@@ -12,12 +12,10 @@ std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(con
   const int64_t dims = t.dim();
   const int64_t stride_n = t.stride(0);
   const int64_t stride_c = t.stride(1);
-  if (dims == 2) {
-    return std::make_tuple(stride_n, stride_c, int64_t(1));
-  }
   // Spatial dims d2..dk collapse when each stride equals the next one times its size
-  // (size-1 dims are free). The collapsed stride is the innermost non-trivial one.
-  int64_t inner_stride = 1;
+  // (size-1 dims are free). The collapsed stride is the innermost non-trivial one;
+  // with no spatial extent it is never used, and 0 keeps alignment checks simple.
+  int64_t inner_stride = 0;
   bool have_inner = false;
   int64_t expected = 0;
   for (int64_t d = dims - 1; d >= 2; --d) {

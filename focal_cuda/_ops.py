@@ -39,6 +39,9 @@ def _softmax_focal_loss_setup_context(ctx, inputs, output):
     input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, *rest = inputs
     _, grad_input, state = output
     ctx.mark_non_differentiable(grad_input, state)
+    # Otherwise autograd hands the backward a zero tensor the size of the logits for
+    # the non-differentiable grad_input output: a full extra write per step.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_input, state)
     ctx.inplace_backward = bool(rest and rest[0])
     ctx.backward_done = False
@@ -48,6 +51,8 @@ def _softmax_focal_loss_setup_context(ctx, inputs, output):
 
 
 def _softmax_focal_loss_backward(ctx, grad_loss, _grad_grad_input, _grad_state):
+    if grad_loss is None:  # the loss was not used (grads are not materialized)
+        return (None,) * 9
     grad_input, state = ctx.saved_tensors
     if ctx.recompute_args is not None:
         with torch.no_grad():

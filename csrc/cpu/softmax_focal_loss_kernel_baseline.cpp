@@ -1,0 +1,3 @@
+// The CPU kernels for any x86-64 / aarch64 CPU (at::vec's default width).
+#define FOCAL_CPU_NAMESPACE baseline
+#include "softmax_focal_loss_impl.h"
