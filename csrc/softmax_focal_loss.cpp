@@ -12,6 +12,7 @@ std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(con
   const int64_t dims = t.dim();
   const int64_t stride_n = t.stride(0);
   const int64_t stride_c = t.stride(1);
+  if (t.numel() == 0) return std::make_tuple(stride_n, stride_c, int64_t(0));  // nothing is read
   // Spatial dims d2..dk collapse when each stride equals the next one times its size
   // (size-1 dims are free). The collapsed stride is the innermost non-trivial one;
   // with no spatial extent it is never used, and 0 keeps alignment checks simple.

@@ -53,20 +53,29 @@ def _softmax_focal_loss_setup_context(ctx, inputs, output):
 def _softmax_focal_loss_backward(ctx, grad_loss, _grad_grad_input, _grad_state):
     if grad_loss is None:  # the loss was not used (grads are not materialized)
         return (None,) * 9
-    grad_input, state = ctx.saved_tensors
-    if ctx.recompute_args is not None:
-        with torch.no_grad():
-            _, grad_input, state = torch.ops.focal_cuda.softmax_focal_loss_forward(*ctx.recompute_args, True)
-    if not ctx.inplace_backward or type(grad_input) is not torch.Tensor:
-        # The caller may still hold grad_input, or the backward is being traced
-        # (torch.compile, export, fake tensors: a graph may not mutate a saved
-        # activation): the gradient is a new tensor.
-        return torch.ops.focal_cuda.softmax_focal_loss_backward(grad_input, state, grad_loss), *([None] * 8)
-    if ctx.backward_done and ctx.recompute_args is None:
+    eager = type(grad_loss) is torch.Tensor
+    if eager and torch.is_grad_enabled():
+        raise RuntimeError(
+            "softmax_focal_loss: double backward (create_graph=True) is not supported: the gradient is computed "
+            "by the forward kernel and is not itself differentiable"
+        )
+    in_place = ctx.inplace_backward and eager and ctx.recompute_args is None
+    if in_place and ctx.backward_done:
+        # Checked before the saved tensors are unpacked, whose version check would
+        # raise a less helpful error.
         raise RuntimeError(
             "softmax_focal_loss: this forward's gradient was already consumed by a backward; a second backward "
             "through the same graph (retain_graph=True) is not supported: run the forward again"
         )
+    grad_input, state = ctx.saved_tensors
+    if ctx.recompute_args is not None:
+        with torch.no_grad():
+            _, grad_input, state = torch.ops.focal_cuda.softmax_focal_loss_forward(*ctx.recompute_args, True)
+    if not in_place:
+        # The caller may still hold grad_input, or the backward is being traced
+        # (torch.compile, export, fake tensors: a graph may not mutate a saved
+        # activation): the gradient is a new tensor.
+        return torch.ops.focal_cuda.softmax_focal_loss_backward(grad_input, state, grad_loss), *([None] * 8)
     ctx.backward_done = True
     # Eager: the forward's gradient buffer is consumed in place. No N x C allocation in
     # backward, and no pass at all when grad_output times the stored scale is exactly 1.

@@ -42,7 +42,9 @@ class FusedFocalLoss(nn.Module):
             self.alpha_scalar = None if alpha is None else float(alpha)
             self.register_buffer("class_weight", None)
         else:
-            self.register_buffer("class_weight", torch.as_tensor(alpha, dtype=torch.float32).detach().clone())
+            # float64 so that float64 inputs see the weights as given; the kernels read them in
+            # their accumulation type.
+            self.register_buffer("class_weight", torch.as_tensor(alpha, dtype=torch.float64).detach().clone())
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         alpha = self.class_weight if self.class_weight is not None else self.alpha_scalar

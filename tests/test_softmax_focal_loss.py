@@ -553,13 +553,38 @@ def test_second_backward_error_is_clear(device, gen):
         assert re.search(r"(?i)(retain_graph|second backward|already (been )?(consumed|used|run))", str(e)), str(e)
 
 
-def test_double_backward_raises(device, gen):
+def test_double_backward_raises_or_is_correct(device, gen):
+    """create_graph=True (gradient penalty): a clear error, or a correct second derivative; never a gradient
+    that silently does not depend on the input (the penalty would drop out of training without a word)."""
     x = randn((5, 4), gen, device=device, dtype=torch.float64).requires_grad_()
     t = make_target(x.shape, gen, device=device)
-    loss = focal_cuda.softmax_focal_loss(x, t)
-    with pytest.raises(RuntimeError):
+    try:
+        loss = focal_cuda.softmax_focal_loss(x, t, gamma=2.0)
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
-        torch.autograd.grad(g.sum(), x)
+        penalty = (g**2).sum()
+        (gg,) = torch.autograd.grad(penalty, x)
+    except RuntimeError:
+        return
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(reference.softmax_focal_loss(xr, t, gamma=2.0), xr, create_graph=True)
+    (ggr,) = torch.autograd.grad((gr**2).sum(), xr)
+    torch.testing.assert_close(gg, ggr)
+
+
+def test_gradient_penalty_not_silently_dropped(device, gen):
+    x = randn((5, 4), gen, device=device, dtype=torch.float64).requires_grad_()
+    t = make_target(x.shape, gen, device=device)
+    try:
+        loss = focal_cuda.softmax_focal_loss(x, t, gamma=2.0)
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        total = (x**2).sum() + (g**2).sum()
+        total.backward()
+    except RuntimeError:
+        return
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(reference.softmax_focal_loss(xr, t, gamma=2.0), xr, create_graph=True)
+    ((xr**2).sum() + (gr**2).sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
 
 
 # ============================================================================ module, compile, autocast
@@ -797,6 +822,8 @@ def test_opcheck_backward(device, gen):
             loss, grad_buf, state = OP.softmax_focal_loss_forward(*args)
         go = torch.ones_like(loss) * 0.5
         torch.library.opcheck(OP.softmax_focal_loss_backward_.default, (grad_buf, state, go))
+        if hasattr(OP, "softmax_focal_loss_backward"):  # the functional (non-mutating) variant, if registered
+            torch.library.opcheck(OP.softmax_focal_loss_backward.default, (grad_buf, state, go))
 
 
 def test_forward_op_outputs(gen):
