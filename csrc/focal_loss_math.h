@@ -97,25 +97,40 @@ struct FocalTerms {
   acc_t one_minus_p;     // 1 - p_t, for the j == t gradient: -grad_coef (1 - p_t)
 };
 
-template <typename acc_t>
-FOCAL_HOST_DEVICE FocalTerms<acc_t> focal_terms(acc_t log_p, acc_t gamma, acc_t alpha) {
-  const acc_t one_minus_p = -math_expm1(log_p);
-  const acc_t p = math_exp(log_p);
-  acc_t modulating;  // (1 - p)^gamma
-  if (gamma == acc_t(0)) {
-    modulating = acc_t(1);  // also 0^0 = 1
-  } else if (gamma == acc_t(1)) {
+// The elementary functions the formulas use, for scalars. The CPU kernel runs
+// the same formulas on at::vec::Vectorized lanes through a policy of its own
+// with these member names, so there is still one definition of the math.
+template <typename T>
+struct ScalarMath {
+  static FOCAL_HOST_DEVICE T exp(T x) { return math_exp(x); }
+  static FOCAL_HOST_DEVICE T expm1(T x) { return math_expm1(x); }
+  static FOCAL_HOST_DEVICE T pow(T x, T y) { return math_pow(x, y); }
+  static FOCAL_HOST_DEVICE T neg(T x) { return -x; }
+  static FOCAL_HOST_DEVICE T select_positive(T q, T if_positive, T otherwise) {  // q > 0 ? a : b
+    return q > T(0) ? if_positive : otherwise;
+  }
+};
+
+// T: the value type (a scalar, or a vector of lanes); S: the scalar type of gamma.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE FocalTerms<T> focal_terms(T log_p, S gamma, T alpha) {
+  const T one_minus_p = Math::neg(Math::expm1(log_p));
+  const T p = Math::exp(log_p);
+  T modulating;  // (1 - p)^gamma
+  if (gamma == S(0)) {
+    modulating = T(S(1));  // also 0^0 = 1
+  } else if (gamma == S(1)) {
     modulating = one_minus_p;
-  } else if (gamma == acc_t(2)) {
+  } else if (gamma == S(2)) {
     modulating = one_minus_p * one_minus_p;
   } else {
-    modulating = math_pow(one_minus_p, gamma);
+    modulating = Math::pow(one_minus_p, T(gamma));
   }
   // log(p) / (1 - p), with its limit -1 where p rounds to 1.
-  const acc_t log_p_over_q = one_minus_p > acc_t(0) ? log_p / one_minus_p : acc_t(-1);
-  FocalTerms<acc_t> t;
-  t.loss = -alpha * modulating * log_p;
-  t.grad_coef = alpha * modulating * (acc_t(1) - gamma * p * log_p_over_q);
+  const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
+  FocalTerms<T> t;
+  t.loss = Math::neg(alpha * modulating * log_p);
+  t.grad_coef = alpha * modulating * (T(S(1)) - T(gamma) * p * log_p_over_q);
   t.one_minus_p = one_minus_p;
   return t;
 }

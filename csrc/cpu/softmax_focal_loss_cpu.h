@@ -11,7 +11,7 @@ namespace focal_cuda {
 
 // Positions handled side by side in the channel-first path; a multiple of every
 // at::vec width for float and double.
-constexpr int64_t kTileWidth = 16;
+constexpr int64_t kTileWidth = 64;
 // Elements per chunk of work: large enough to amortise scheduling, small enough
 // to balance two to a few dozen threads. Chunks, not threads, fix the summation
 // order, so results do not depend on the thread count.

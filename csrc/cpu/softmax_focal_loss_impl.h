@@ -38,6 +38,18 @@ struct FocalParams {
   bool write_per_element_loss;
 };
 
+// focal_loss_math.h's elementary functions on at::vec lanes.
+template <typename Vec>
+struct VecMath {
+  static Vec exp(Vec x) { return x.exp(); }
+  static Vec expm1(Vec x) { return x.expm1(); }
+  static Vec pow(Vec x, Vec y) { return x.pow(y); }
+  static Vec neg(Vec x) { return x.neg(); }
+  static Vec select_positive(Vec q, Vec if_positive, Vec otherwise) {
+    return Vec::blendv(otherwise, if_positive, q > Vec(typename Vec::value_type(0)));
+  }
+};
+
 template <typename acc_t>
 inline acc_t class_alpha(const FocalParams<acc_t>& prm, int64_t t) {
   return prm.class_weight ? prm.alpha * prm.class_weight[t] : prm.alpha;
@@ -103,7 +115,7 @@ acc_t softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_
   acc_t* x = buf.data();
   acc_t loss_sum = 0;
   int64_t in_off[W], grad_off[W], target[W];
-  alignas(64) acc_t row_max[W], sum_exp[W], scale[W];
+  alignas(64) acc_t row_max[W], sum_exp[W], scale[W], logit_t[W], alpha[W], loss[W], target_grad[W];
   for (int64_t p0 = begin; p0 < end; p0 += W) {
     const int64_t count = std::min(W, end - p0);
     for (int64_t w = 0; w < count; ++w) {
@@ -137,21 +149,29 @@ acc_t softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_
       m.store(row_max + v);
       sum.store(sum_exp + v);
     }
-    FocalTerms<acc_t> terms[W];
+    // Focal terms for the W positions at once, on vector lanes. Ignored lanes and
+    // the padding of a partial tile compute on placeholders and are zeroed below.
     for (int64_t w = 0; w < W; ++w) {
-      scale[w] = acc_t(0);
-      if (w >= count) continue;
-      const int64_t t = target[w];
-      if (t == prm.ignore_index) {
-        if (prm.write_per_element_loss) loss_out[p0 + w] = scalar_t(0);
-        continue;
+      const bool valid = w < count && target[w] != prm.ignore_index;
+      logit_t[w] = valid ? static_cast<acc_t>(input[in_off[w] + target[w] * g.input_stride_c]) : row_max[w];
+      alpha[w] = valid ? class_alpha(prm, target[w]) : acc_t(0);
+    }
+    for (int64_t v = 0; v < W; v += VS) {
+      const Vec sum = Vec::loadu(sum_exp + v);
+      const Vec log_p = Vec::loadu(logit_t + v) - Vec::loadu(row_max + v) - sum.log();
+      const FocalTerms<Vec> terms = focal_terms<Vec, acc_t, VecMath<Vec>>(log_p, prm.gamma, Vec::loadu(alpha + v));
+      const Vec grad_scale(prm.grad_scale);
+      terms.loss.store(loss + v);
+      (terms.grad_coef * grad_scale / sum).store(scale + v);
+      (Vec(acc_t(0)) - terms.grad_coef * terms.one_minus_p * grad_scale).store(target_grad + v);
+    }
+    for (int64_t w = 0; w < count; ++w) {
+      if (target[w] == prm.ignore_index) {
+        loss[w] = acc_t(0);
+        scale[w] = acc_t(0);
       }
-      const acc_t log_p = static_cast<acc_t>(input[in_off[w] + t * g.input_stride_c]) - row_max[w] -
-                          math_log(sum_exp[w]);
-      terms[w] = focal_terms(log_p, prm.gamma, class_alpha(prm, t));
-      loss_sum += terms[w].loss;
-      if (prm.write_per_element_loss) loss_out[p0 + w] = static_cast<scalar_t>(terms[w].loss);
-      scale[w] = terms[w].grad_coef * prm.grad_scale / sum_exp[w];
+      loss_sum += loss[w];
+      if (prm.write_per_element_loss) loss_out[p0 + w] = static_cast<scalar_t>(loss[w]);
     }
     if (!prm.compute_grad) continue;
     for (int64_t c = 0; c < C; ++c) {
@@ -170,8 +190,7 @@ acc_t softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_
         // Written explicitly: 0 * exp(NaN) would not be 0.
         for (int64_t c = 0; c < C; ++c) grad[grad_off[w] + c * g.grad_stride_c] = scalar_t(0);
       } else {
-        grad[grad_off[w] + t * g.grad_stride_c] =
-            static_cast<scalar_t>(focal_grad(terms[w], acc_t(0), true) * prm.grad_scale);
+        grad[grad_off[w] + t * g.grad_stride_c] = static_cast<scalar_t>(target_grad[w]);
       }
     }
   }

@@ -1,0 +1,376 @@
+// A minimal CPU implementation of the CUDA programming model, enough to run the
+// kernels of csrc/cuda/softmax_focal_loss_kernels.cuh with a host compiler:
+//
+//   #include "cuda_on_cpu.h"
+//   #include "cuda/softmax_focal_loss_kernels.cuh"
+//   cuda_on_cpu::launch(kernel<...>, grid, block, args...);
+//
+// Execution model
+//   * Blocks run one at a time (in an order the caller may permute, see
+//     block_order), each with blockDim.x real std::threads. Only 1-D grids and
+//     blocks whose size is a multiple of 32 are supported.
+//   * __shared__ expands to `static`: a function-local static is shared by every
+//     thread that runs the function, and because blocks run one after the other,
+//     that is exactly per-block shared memory (each template instantiation has its
+//     own). Unlike a GPU, shared memory keeps the previous block's values instead
+//     of being undefined at block start.
+//   * __syncthreads is a barrier over the block's threads; warp shuffles go through
+//     a per-warp exchange buffer with two barrier phases over the warp's 32 threads.
+//     Threads of a warp run independently (no implicit warp synchrony), so code
+//     that relies on lock-step execution without __syncwarp/shuffles is exposed.
+//   * Misuse that would hang or be undefined on a GPU is reported instead: a thread
+//     returning while others of its block (or warp) wait at a barrier, lanes meeting
+//     at different shuffles, a partial shuffle mask, or a barrier timing out. The
+//     launch then throws cuda_on_cpu::EmulationError.
+//   * Global-memory atomics use std::atomic_ref, __threadfence a seq_cst fence.
+//
+// Only what the focal-loss kernels use is implemented. crt/host_defines.h (pulled
+// in by vector_types.h) already gives a host compiler empty __global__, __device__,
+// __host__ and an always-inline __forceinline__; this file adds the rest.
+#pragma once
+
+#include <vector_types.h>  // uint3, dim3 (and crt/host_defines.h)
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// ----------------------------------------------------------------------------- qualifiers
+
+#undef __shared__
+#define __shared__ static  // see above: blocks run sequentially
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+#ifndef __global__
+#define __global__
+#endif
+#ifndef __device__
+#define __device__
+#endif
+#ifndef __host__
+#define __host__
+#endif
+#ifndef __forceinline__
+#define __forceinline__ inline
+#endif
+
+inline constexpr int warpSize = 32;
+
+namespace cuda_on_cpu {
+
+struct EmulationError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Thrown in the threads still waiting when a barrier is abandoned; not an error by itself.
+struct BarrierBroken {};
+
+// How long a block may run before the launch is declared hung (threads missing
+// at a barrier that never arrive); the waiting threads are then released.
+inline std::chrono::seconds launch_timeout{60};
+
+// The first error of the current launch.
+inline std::mutex error_mutex;
+inline std::string first_error;
+inline void record_error(const std::string& message) {
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (first_error.empty()) first_error = message;
+}
+
+// A reusable barrier over `expected` threads (std::atomic wait / notify,
+// futexes on Linux) that detects divergence: a member thread that returns from the kernel
+// while others wait, or before another arrives, breaks it, and every waiter throws.
+class Barrier {
+ public:
+  Barrier(int expected, const char* what) : expected_(expected), what_(what) {}
+
+  void arrive_and_wait() {
+    if (broken_.load()) throw BarrierBroken{};
+    // This phase cannot complete before this thread arrives, so `phase` is current.
+    const unsigned phase = generation_.load();
+    if (arrived_.fetch_add(1) + 1 == expected_) {
+      arrived_.store(0);
+      generation_.fetch_add(1);
+      generation_.notify_all();
+      return;
+    }
+    if (exited_.load() > 0) fail("a thread returned from the kernel while another waits at a barrier");
+    while (generation_.load() == phase) generation_.wait(phase);
+    if (broken_.load()) throw BarrierBroken{};
+  }
+
+  // A member thread has finished the kernel (normally or not).
+  void leave() {
+    exited_.fetch_add(1);
+    if (arrived_.load() > 0 && !broken_.load()) fail_quietly("a thread returned from the kernel while others wait at a barrier");
+  }
+
+  // Releases every waiter (they throw BarrierBroken).
+  void fail_quietly(const std::string& why) {
+    record_error(std::string(what_) + ": " + why);
+    broken_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& why) {
+    fail_quietly(why);
+    throw BarrierBroken{};
+  }
+
+  const int expected_;
+  const char* what_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> exited_{0};
+  std::atomic<unsigned> generation_{0};
+  std::atomic<bool> broken_{false};
+};
+
+// One warp: its barrier and the shuffle exchange buffer, one slot per lane, double
+// buffered: shuffle k uses buffer k % 2, so one barrier phase per shuffle suffices
+// (a lane cannot write buffer k % 2 again before every lane has passed the barrier
+// of shuffle k + 1, that is, finished reading shuffle k).
+struct Warp {
+  struct Slot {
+    unsigned char bits[8];
+    unsigned long long sequence;   // the lane's shuffle count: lanes must meet at the same shuffle
+    int mode, param, width, size;  // and agree on what it is
+  };
+  Barrier barrier{32, "warp shuffle"};
+  Slot slots[2][32];
+};
+
+struct Block {
+  explicit Block(int threads) : barrier(threads, "__syncthreads"), warps(threads / 32) {}
+  Barrier barrier;
+  std::vector<Warp> warps;
+};
+
+struct ThreadContext {
+  Block* block = nullptr;
+  unsigned lane = 0, warp = 0;
+  unsigned long long shuffles = 0;  // shuffles this thread has done
+};
+inline thread_local ThreadContext current;
+
+}  // namespace cuda_on_cpu
+
+// ----------------------------------------------------------------------------- built-in variables
+
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+
+// ----------------------------------------------------------------------------- intrinsics
+
+inline void __syncthreads() { cuda_on_cpu::current.block->barrier.arrive_and_wait(); }
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return std::atomic_ref<unsigned int>(*address).fetch_add(value, std::memory_order_seq_cst);
+}
+
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
+inline double __longlong_as_double(long long x) {
+  double d;
+  std::memcpy(&d, &x, sizeof d);
+  return d;
+}
+
+namespace cuda_on_cpu {
+
+enum ShuffleMode : int { kShuffleDown = 1, kShuffleXor = 2 };
+
+// shfl.sync as PTX defines it, with c = ((32 - width) << 8) | 31 as CUDA's
+// __shfl_*_sync pass it: the source lane must lie at or below the last lane of
+// the caller's width-segment, else the caller gets its own value.
+template <typename T>
+T shuffle(unsigned mask, T value, int mode, int param, int width) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "unsupported shuffle type");
+  if (mask != 0xffffffffu) throw EmulationError("shuffle with a partial mask is not emulated");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) throw EmulationError("shuffle width must be a power of two <= 32");
+  ThreadContext& ctx = current;
+  Warp& warp = ctx.block->warps[ctx.warp];
+  const unsigned lane = ctx.lane;
+  const unsigned long long sequence = ctx.shuffles++;
+  Warp::Slot* slots = warp.slots[sequence % 2];
+  Warp::Slot& mine = slots[lane];
+  std::memcpy(mine.bits, &value, sizeof(T));
+  mine.sequence = sequence;
+  mine.mode = mode;
+  mine.param = param;
+  mine.width = width;
+  mine.size = sizeof(T);
+  warp.barrier.arrive_and_wait();  // every lane has written its slot
+  const unsigned segment_bits = 32u - static_cast<unsigned>(width);
+  const unsigned max_lane = (lane & segment_bits) | (31u & ~segment_bits);
+  unsigned source = mode == kShuffleDown ? lane + static_cast<unsigned>(param) : lane ^ static_cast<unsigned>(param);
+  if (source > max_lane) source = lane;
+  const Warp::Slot& theirs = slots[source];
+  if (theirs.sequence != sequence || theirs.mode != mode || theirs.param != param || theirs.width != width ||
+      theirs.size != mine.size) {
+    record_error("warp shuffle: lanes of one warp are at different shuffles (divergent shuffle)");
+    throw BarrierBroken{};
+  }
+  T result;
+  std::memcpy(&result, theirs.bits, sizeof(T));
+  return result;
+}
+
+}  // namespace cuda_on_cpu
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = warpSize) {
+  return cuda_on_cpu::shuffle(mask, value, cuda_on_cpu::kShuffleXor, lane_mask, width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned int delta, int width = warpSize) {
+  return cuda_on_cpu::shuffle(mask, value, cuda_on_cpu::kShuffleDown, static_cast<int>(delta), width);
+}
+
+// ----------------------------------------------------------------------------- launch
+
+namespace cuda_on_cpu {
+
+// The order in which the blocks of a grid run: 0 ascending, 1 descending, any other
+// value a permutation drawn from that seed. Kernels must not care.
+inline std::vector<unsigned> block_order(unsigned blocks, unsigned long long seed) {
+  std::vector<unsigned> order(blocks);
+  std::iota(order.begin(), order.end(), 0u);
+  if (seed == 1) std::reverse(order.begin(), order.end());
+  if (seed > 1) std::shuffle(order.begin(), order.end(), std::mt19937_64(seed));
+  return order;
+}
+
+// Worker threads shared by every launch: creating hundreds of threads per block
+// would cost more than running the block. run(n, body) runs body(0..n-1) on n
+// distinct threads and returns when all have returned.
+class ThreadPool {
+ public:
+  static ThreadPool& instance() {
+    static ThreadPool pool;
+    return pool;
+  }
+
+  // on_timeout is called once if the job is still running after launch_timeout.
+  void run(unsigned n, const std::function<void(unsigned)>& body, const std::function<void()>& on_timeout) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < n) {
+      const unsigned index = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, index] { work(index); });
+    }
+    job_ = &body;
+    job_threads_ = n;
+    remaining_ = n;
+    ++job_number_;
+    start_.notify_all();
+    if (!done_.wait_for(lock, launch_timeout, [&] { return remaining_ == 0; })) {
+      lock.unlock();
+      on_timeout();
+      lock.lock();
+      done_.wait(lock, [&] { return remaining_ == 0; });
+    }
+    job_ = nullptr;
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    start_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+ private:
+  void work(unsigned index) {
+    unsigned long long seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      start_.wait(lock, [&] { return stop_ || job_number_ != seen; });
+      if (stop_) return;
+      seen = job_number_;
+      if (index >= job_threads_) continue;
+      const auto* body = job_;
+      lock.unlock();
+      (*body)(index);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned job_threads_ = 0, remaining_ = 0;
+  unsigned long long job_number_ = 0;
+  bool stop_ = false;
+};
+
+// kernel<<<grid, block>>>(args...), blocks in the given order. Returns when every
+// thread has finished; throws EmulationError if the kernel misused a barrier or a
+// shuffle, or if a block did not finish within launch_timeout. Not reentrant: one
+// launch at a time per process.
+template <typename... Params, typename... Args>
+void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params...), dim3 grid, dim3 block,
+                     Args&&... args) {
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) throw EmulationError("only 1-D launches are emulated");
+  if (block.x == 0 || block.x % 32 != 0) throw EmulationError("block size must be a positive multiple of 32");
+  if (order.size() != grid.x) throw EmulationError("block order does not match the grid");
+  const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);  // kernel arguments, by value
+  first_error.clear();
+  for (const unsigned b : order) {
+    Block blk(static_cast<int>(block.x));
+    const std::function<void(unsigned)> thread_body = [&](unsigned t) {
+      threadIdx = uint3{t, 0, 0};
+      blockIdx = uint3{b, 0, 0};
+      blockDim = block;
+      gridDim = grid;
+      current = ThreadContext{&blk, t % 32, t / 32};
+      try {
+        std::apply(kernel, params);  // each thread gets its own copy of the arguments
+      } catch (const BarrierBroken&) {
+      } catch (const std::exception& e) {
+        record_error(std::string("exception in a kernel thread: ") + e.what());
+      }
+      blk.warps[t / 32].barrier.leave();
+      blk.barrier.leave();
+    };
+    // Watchdog: a block whose threads wait for each other forever is released.
+    ThreadPool::instance().run(block.x, thread_body, [&] {
+      blk.barrier.fail_quietly("timed out: threads missing at a barrier (deadlock)");
+      for (Warp& w : blk.warps) w.barrier.fail_quietly("timed out: lanes missing at a shuffle (deadlock)");
+    });
+    if (!first_error.empty()) throw EmulationError("block " + std::to_string(b) + ": " + first_error);
+  }
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+  launch_in_order(block_order(grid.x, 0), kernel, grid, block, std::forward<Args>(args)...);
+}
+
+}  // namespace cuda_on_cpu

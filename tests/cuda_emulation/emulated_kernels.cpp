@@ -1,0 +1,321 @@
+// The CUDA kernels of csrc/cuda/softmax_focal_loss_kernels.cuh run on the CPU
+// through cuda_on_cpu.h, behind an extern "C" interface for ctypes
+// (tests/test_cuda_kernels_emulated.py builds and loads this file).
+//
+// Every entry point takes raw pointers, the (N, C, S) geometry as 9 int64
+// [rows, classes, spatial, input_stride_n, _c, _s, grad_stride_n, _c, _s], an
+// explicit grid size and a block order (0 ascending, 1 descending, other values
+// a seeded permutation). They return 0, or 1 with a message in emu_last_error().
+// The workspace mirrors softmax_focal_loss_kernel.cu: per-block partial losses
+// (padded to 16 bytes), per-block partial counts, then two zeroed tickets
+// (forward, counting); the partials start as 0xff bytes (NaN, -1) so that a
+// kernel reading a partial nobody wrote is caught.
+#include "cuda_on_cpu.h"
+// The device code under test.
+#include "cuda/softmax_focal_loss_kernels.cuh"
+
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <string>
+
+namespace fd = focal_cuda::device;
+namespace emu = cuda_on_cpu;
+
+namespace {
+
+constexpr int kBlock = 256;     // as the launcher: channels, rows with GROUP <= 32, backward, counting
+constexpr int kRowBlock = 512;  // rows kernel with one position per block
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+enum Variant : int { kChannels = 0, kRowsGroup8 = 1, kRowsGroup32 = 2, kRowsBlock = 3 };
+
+std::string last_error;
+
+fd::Geometry to_geometry(const long long* g) { return fd::Geometry{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]}; }
+
+bool aligned_16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+void require(bool ok, const char* what) {
+  if (!ok) throw emu::EmulationError(what);
+}
+
+// 16-byte aligned bytes, filled with `fill`.
+struct Bytes {
+  explicit Bytes(std::size_t n, unsigned char fill) : data(static_cast<unsigned char*>(::operator new(n, std::align_val_t(16)))) {
+    std::memset(data, fill, n);
+  }
+  ~Bytes() { ::operator delete(data, std::align_val_t(16)); }
+  Bytes(const Bytes&) = delete;
+  Bytes& operator=(const Bytes&) = delete;
+  unsigned char* data;
+};
+
+// The launcher's workspace for `max_blocks` blocks.
+template <typename acc_t>
+struct Workspace {
+  explicit Workspace(long long max_blocks)
+      : loss_bytes((max_blocks * static_cast<long long>(sizeof(acc_t)) + 15) / 16 * 16),
+        count_bytes(max_blocks * static_cast<long long>(sizeof(long long))),
+        bytes(static_cast<std::size_t>(loss_bytes + count_bytes + 16), 0xff) {
+    std::memset(tickets(), 0, 2 * sizeof(unsigned int));  // cudaMemsetAsync(tickets, 0, 8)
+  }
+  acc_t* partial_loss() { return reinterpret_cast<acc_t*>(bytes.data); }
+  long long* partial_count() { return reinterpret_cast<long long*>(bytes.data + loss_bytes); }
+  unsigned int* tickets() { return reinterpret_cast<unsigned int*>(bytes.data + loss_bytes + count_bytes); }
+  long long loss_bytes, count_bytes;
+  Bytes bytes;
+};
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    last_error.clear();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown exception";
+  }
+  return 1;
+}
+
+template <typename acc_t>
+void run_count(long long grid, unsigned long long order, const void* target, int target_kind, long long positions,
+               long long classes, long long ignore_index, long long* partial_count, unsigned int* ticket, acc_t* state) {
+  require(grid >= 1, "grid must be >= 1");
+  emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order), &fd::count_valid_targets_kernel<kBlock, acc_t>,
+                       dim3(static_cast<unsigned>(grid)), dim3(kBlock), target, target_kind, positions, classes,
+                       ignore_index, partial_count, ticket, state);
+}
+
+// The launcher's `vectorizable` condition: VEC-wide accesses need unit class
+// strides, C and the row strides multiples of VEC, and 16-byte aligned bases.
+template <typename scalar_t>
+void check_vectorizable(const fd::Geometry& g, const void* input, const void* grad, bool compute_grad) {
+  constexpr long long kVec = 16 / sizeof(scalar_t);
+  require(g.input_stride_c == 1 && (!compute_grad || g.grad_stride_c == 1), "VEC variant needs unit class strides");
+  require(g.classes % kVec == 0 && g.input_stride_n % kVec == 0 && g.input_stride_s % kVec == 0 && aligned_16(input),
+          "VEC variant needs C and the input row strides multiples of VEC and an aligned input");
+  require(!compute_grad || (g.grad_stride_n % kVec == 0 && g.grad_stride_s % kVec == 0 && aligned_16(grad)),
+          "VEC variant needs gradient row strides multiples of VEC and an aligned gradient");
+}
+
+template <typename scalar_t>
+void run_forward(int variant, int vec, long long grid, long long count_grid, unsigned long long order,
+                 const void* input_ptr, void* grad_ptr, void* loss_ptr, const long long* geometry, const void* target,
+                 int target_kind, int reduction, int compute_grad, long long ignore_index, double gamma, double alpha,
+                 const void* class_weight, int fold_mean_into_forward, void* state) {
+  using acc_t = typename fd::AccumulateType<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  require(grid >= 1, "grid must be >= 1");
+  require(vec == 0 || vec == 1, "vec must be 0 (scalar accesses) or 1 (16-byte accesses)");
+  const fd::Geometry g = to_geometry(geometry);
+  const auto* input = static_cast<const scalar_t*>(input_ptr);
+  auto* grad = compute_grad ? static_cast<scalar_t*>(grad_ptr) : nullptr;
+  auto* loss = static_cast<scalar_t*>(loss_ptr);
+  if (vec) {
+    require(variant != kChannels, "the channels kernel has no VEC variant");
+    check_vectorizable<scalar_t>(g, input, grad, compute_grad);
+  }
+
+  Workspace<acc_t> ws(std::max(grid, fold_mean_into_forward ? count_grid : 1LL));
+  fd::ForwardArgs<acc_t> args;
+  args.target = target;
+  args.target_kind = target_kind;
+  args.reduction = reduction;
+  args.compute_grad = compute_grad != 0;
+  args.ignore_index = ignore_index;
+  args.gamma = static_cast<acc_t>(gamma);
+  args.alpha = static_cast<acc_t>(alpha);
+  args.class_weight = static_cast<const acc_t*>(class_weight);
+  args.fold_mean_into_forward = fold_mean_into_forward != 0;
+  args.state = static_cast<acc_t*>(state);
+  args.partial_loss = ws.partial_loss();
+  args.partial_count = ws.partial_count();
+  args.ticket = ws.tickets();
+  if (fold_mean_into_forward) {
+    run_count<acc_t>(count_grid, order, target, target_kind, g.rows * g.spatial, g.classes, ignore_index,
+                     args.partial_count, ws.tickets() + 1, args.state);
+  }
+
+  const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
+  auto go = [&](auto kernel, int threads) {
+    emu::launch_in_order(blocks, kernel, dim3(static_cast<unsigned>(grid)), dim3(threads), input, grad, loss, g, args);
+  };
+  switch (variant) {
+    case kChannels:
+      go(&fd::softmax_focal_loss_channels_kernel<scalar_t, kBlock>, kBlock);
+      break;
+    case kRowsGroup8:
+      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 8, kVec>, kBlock)
+          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 8, 1>, kBlock);
+      break;
+    case kRowsGroup32:
+      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 32, kVec>, kBlock)
+          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 32, 1>, kBlock);
+      break;
+    case kRowsBlock:
+      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kRowBlock, kRowBlock, kVec>, kRowBlock)
+          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kRowBlock, kRowBlock, 1>, kRowBlock);
+      break;
+    default:
+      throw emu::EmulationError("unknown variant");
+  }
+}
+
+template <typename scalar_t>
+void run_backward(int vec, long long grid, unsigned long long order, const void* grad, void* out,
+                  const long long* geometry, const void* grad_output, int scalar_grad_output, const void* state) {
+  using acc_t = typename fd::AccumulateType<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  require(grid >= 1, "grid must be >= 1");
+  const fd::Geometry g = to_geometry(geometry);
+  const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
+  const auto* in_ptr = static_cast<const scalar_t*>(grad);
+  auto* out_ptr = static_cast<scalar_t*>(out);
+  const auto* go_ptr = static_cast<const scalar_t*>(grad_output);
+  const auto* state_ptr = static_cast<const acc_t*>(state);
+  if (vec) {
+    // As the launcher: only for a scalar grad_output over dense, aligned buffers.
+    require(scalar_grad_output != 0, "the VEC backward is for a scalar grad_output only");
+    require(g.rows * g.classes * g.spatial % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr),
+            "the VEC backward needs numel % VEC == 0 and aligned buffers");
+    emu::launch_in_order(blocks, &fd::softmax_focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr, true, state_ptr);
+  } else {
+    emu::launch_in_order(blocks, &fd::softmax_focal_loss_backward_kernel<scalar_t, kBlock, 1>,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr,
+                         scalar_grad_output != 0, state_ptr);
+  }
+}
+
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32:
+      return f(float{});
+    case kFloat64:
+      return f(double{});
+    case kFloat16:
+      return f(__half{});
+    case kBFloat16:
+      return f(__nv_bfloat16{});
+    default:
+      throw emu::EmulationError("unknown dtype code");
+  }
+}
+
+// ----------------------------------------------------------------------------- emulator self-tests
+// Tiny kernels checking cuda_on_cpu.h itself (tests/test_cuda_kernels_emulated.py).
+
+__global__ void shuffle_probe_kernel(int mode, int param, int width, long long* out) {
+  const long long value = 1000LL * blockIdx.x + threadIdx.x;
+  out[blockIdx.x * blockDim.x + threadIdx.x] =
+      mode == emu::kShuffleXor ? __shfl_xor_sync(0xffffffffu, value, param, width)
+                               : __shfl_down_sync(0xffffffffu, value, static_cast<unsigned>(param), width);
+}
+
+// Shared memory is shared by the block and written before it is read.
+__global__ void shared_probe_kernel(long long* out) {
+  __shared__ long long buffer[128];
+  buffer[threadIdx.x] = 1000LL * blockIdx.x + threadIdx.x;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = buffer[blockDim.x - 1 - threadIdx.x];
+}
+
+// Misuse the emulator must report instead of hanging.
+__global__ void divergent_barrier_kernel(int) {
+  if (threadIdx.x < 32) __syncthreads();
+}
+__global__ void divergent_shuffle_kernel(int) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_down_sync(0xffffffffu, v, 1u);
+  }
+  (void)v;
+}
+__global__ void partial_warp_shuffle_kernel(int) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 != 5) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  (void)v;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* emu_last_error() { return last_error.c_str(); }
+
+// How long a block may run before the launch counts as hung (a test hook).
+void emu_set_launch_timeout(int seconds) { emu::launch_timeout = std::chrono::seconds(seconds); }
+
+// The forward op: with fold_mean_into_forward, count_valid_targets_kernel on
+// `count_grid` blocks first (sharing the workspace, second ticket), then the
+// chosen forward kernel on `grid` blocks. class_weight and state are in the
+// accumulation dtype (float64 for float64 input, float32 otherwise).
+int emu_softmax_focal_loss_forward(int dtype, int variant, int vec, long long grid, long long count_grid,
+                                   unsigned long long order, const void* input, void* grad, void* loss,
+                                   const long long* geometry, const void* target, int target_kind, int reduction,
+                                   int compute_grad, long long ignore_index, double gamma, double alpha,
+                                   const void* class_weight, int fold_mean_into_forward, void* state) {
+  return guarded([&] {
+    dispatch(dtype, [&](auto tag) {
+      run_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, grad, loss, geometry, target, target_kind,
+                                 reduction, compute_grad, ignore_index, gamma, alpha, class_weight,
+                                 fold_mean_into_forward, state);
+    });
+  });
+}
+
+// count_valid_targets_kernel alone, with a fresh workspace: writes state[0] = 1/count (0 if none).
+int emu_count_valid_targets(int acc_dtype, long long grid, unsigned long long order, const void* target,
+                            int target_kind, long long positions, long long classes, long long ignore_index,
+                            void* state) {
+  return guarded([&] {
+    auto body = [&](auto tag) {
+      using acc_t = decltype(tag);
+      Workspace<acc_t> ws(grid);
+      run_count<acc_t>(grid, order, target, target_kind, positions, classes, ignore_index, ws.partial_count(),
+                       ws.tickets() + 1, static_cast<acc_t*>(state));
+    };
+    if (acc_dtype == kFloat64) {
+      body(double{});
+    } else {
+      require(acc_dtype == kFloat32, "the accumulation dtype is float32 or float64");
+      body(float{});
+    }
+  });
+}
+
+// softmax_focal_loss_backward_kernel: out = grad * grad_output * state[1] (NaN if
+// state[2] != 0); `out` may be `grad` (in place). vec: the 16-byte variant.
+int emu_softmax_focal_loss_backward(int dtype, int vec, long long grid, unsigned long long order, const void* grad,
+                                    void* out, const long long* geometry, const void* grad_output,
+                                    int scalar_grad_output, const void* state) {
+  return guarded([&] {
+    dispatch(dtype, [&](auto tag) {
+      run_backward<decltype(tag)>(vec, grid, order, grad, out, geometry, grad_output, scalar_grad_output, state);
+    });
+  });
+}
+
+// Emulator self-tests: 2 blocks of 128 threads; out holds 256 values.
+int emu_selftest_shuffle(int mode, int param, int width, long long* out) {
+  return guarded([&] { emu::launch(&shuffle_probe_kernel, dim3(2), dim3(128), mode, param, width, out); });
+}
+int emu_selftest_shared(long long* out) {
+  return guarded([&] { emu::launch(&shared_probe_kernel, dim3(2), dim3(128), out); });
+}
+// which: 0 divergent __syncthreads, 1 lanes at different shuffles, 2 a lane missing at a shuffle.
+int emu_selftest_misuse(int which) {
+  return guarded([&] {
+    auto* kernel = which == 0 ? &divergent_barrier_kernel : which == 1 ? &divergent_shuffle_kernel : &partial_warp_shuffle_kernel;
+    emu::launch(kernel, dim3(2), dim3(128), 0);
+  });
+}
+
+}  // extern "C"
