@@ -34,6 +34,22 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """Every tensor allocated with empty() starts as NaN (integers: their max), including the
+    kernels' output buffers: torch's deterministic mode fills uninitialized memory. An element a
+    kernel forgets to write then fails the comparison with the reference. warn_only keeps the
+    reference's nondeterministic CUDA backward ops (scatter_add) usable."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

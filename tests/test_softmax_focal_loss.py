@@ -891,3 +891,17 @@ def test_property_layouts(device, layout, gamma, reduction, dtype, seed):
     x = _layout(layout, g, device, dtype)
     t = make_target(x.shape, g, device=device, ignore_frac=0.3)
     assert_close_to_reference(x, t, g, gamma=gamma, alpha=make_alpha("list", x.shape[1], g), reduction=reduction)
+
+
+def test_output_buffers_are_poisoned_before_the_kernel_writes(device):
+    """The autouse fixture's poisoning reaches the buffers the C++ operator allocates: a
+    gradient buffer requested for an input with no positions is allocated but never written."""
+    x = torch.empty(0, 4, 3, device=device).requires_grad_()
+    assert torch.empty(5, device=device).isnan().all()
+    _, grad, state = torch.ops.focal_cuda.softmax_focal_loss_forward(
+        x, torch.empty(0, 3, dtype=torch.long, device=device), None, 1.0, 2.0, -100, 2, True)
+    assert grad.shape == (0, 4, 3)
+    assert torch.isfinite(state).all(), "the state must be written even for empty inputs"
+    buf = torch.ops.focal_cuda.softmax_focal_loss_forward(
+        torch.randn(2, 4, 3, device=device), torch.full((2, 3), -100, device=device), None, 1.0, 2.0, -100, 0, True)[1]
+    assert not buf.isnan().any(), "every gradient element is written, ignored positions included"

@@ -84,6 +84,14 @@ struct BarrierBroken {};
 // at a barrier that never arrive); the waiting threads are then released.
 inline std::chrono::seconds launch_timeout{60};
 
+// Schedule perturbation (0: off). Otherwise, after every __syncthreads about one
+// warp in four, chosen from the seed, the block, the warp and the barrier count, is
+// held back until every other thread of the block has reached the next __syncthreads
+// (or returned): the others run as far ahead as a GPU lets them. A shared-memory
+// slot rewritten without a barrier while a slower warp may still read it then
+// changes the result, instead of going unnoticed under a fair schedule.
+inline unsigned long long perturb_seed = 0;
+
 // The first error of the current launch.
 inline std::mutex error_mutex;
 inline std::string first_error;
@@ -103,7 +111,9 @@ class Barrier {
     if (broken_.load()) throw BarrierBroken{};
     // This phase cannot complete before this thread arrives, so `phase` is current.
     const unsigned phase = generation_.load();
-    if (arrived_.fetch_add(1) + 1 == expected_) {
+    const bool last = arrived_.fetch_add(1) + 1 == expected_;
+    announce_progress();
+    if (last) {
       arrived_.store(0);
       generation_.fetch_add(1);
       generation_.notify_all();
@@ -114,9 +124,20 @@ class Barrier {
     if (broken_.load()) throw BarrierBroken{};
   }
 
+  // Waits until `others` member threads have arrived at the pending phase or returned.
+  void wait_until_arrived(int others) {
+    for (;;) {
+      const unsigned seen = progress_.load();
+      if (broken_.load()) throw BarrierBroken{};
+      if (arrived_.load() + exited_.load() >= others) return;
+      progress_.wait(seen);
+    }
+  }
+
   // A member thread has finished the kernel (normally or not).
   void leave() {
     exited_.fetch_add(1);
+    announce_progress();
     if (arrived_.load() > 0 && !broken_.load()) fail_quietly("a thread returned from the kernel while others wait at a barrier");
   }
 
@@ -126,6 +147,8 @@ class Barrier {
     broken_.store(true);
     generation_.fetch_add(1);
     generation_.notify_all();
+    progress_.fetch_add(1);
+    progress_.notify_all();
   }
 
  private:
@@ -134,8 +157,16 @@ class Barrier {
     throw BarrierBroken{};
   }
 
+  // For wait_until_arrived (schedule perturbation only: free otherwise).
+  void announce_progress() {
+    if (perturb_seed == 0) return;
+    progress_.fetch_add(1);
+    progress_.notify_all();
+  }
+
   const int expected_;
   const char* what_;
+  std::atomic<unsigned> progress_{0};  // bumped on every arrival and return
   std::atomic<int> arrived_{0};
   std::atomic<int> exited_{0};
   std::atomic<unsigned> generation_{0};
@@ -166,7 +197,16 @@ struct ThreadContext {
   Block* block = nullptr;
   unsigned lane = 0, warp = 0;
   unsigned long long shuffles = 0;  // shuffles this thread has done
+  unsigned long long syncs = 0;     // __syncthreads this thread has passed
 };
+
+// splitmix64, to pick the held-back warps.
+inline unsigned long long mix(unsigned long long x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
 inline thread_local ThreadContext current;
 
 }  // namespace cuda_on_cpu
@@ -180,7 +220,20 @@ inline thread_local dim3 gridDim{1, 1, 1};
 
 // ----------------------------------------------------------------------------- intrinsics
 
-inline void __syncthreads() { cuda_on_cpu::current.block->barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+  using namespace cuda_on_cpu;
+  Barrier& barrier = current.block->barrier;
+  barrier.arrive_and_wait();
+  const unsigned long long sync = current.syncs++;
+  if (perturb_seed != 0) {
+    auto held = [&](unsigned warp) { return mix(perturb_seed ^ mix(blockIdx.x ^ mix(warp ^ mix(sync)))) % 4 == 0; };
+    if (held(current.warp)) {
+      int held_threads = 0;
+      for (unsigned w = 0; w < blockDim.x / 32; ++w) held_threads += held(w) ? 32 : 0;
+      barrier.wait_until_arrived(static_cast<int>(blockDim.x) - held_threads);
+    }
+  }
+}
 
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
@@ -229,8 +282,9 @@ T shuffle(unsigned mask, T value, int mode, int param, int width) {
   unsigned source = mode == kShuffleDown ? lane + static_cast<unsigned>(param) : lane ^ static_cast<unsigned>(param);
   if (source > max_lane) source = lane;
   const Warp::Slot& theirs = slots[source];
-  if (theirs.sequence != sequence || theirs.mode != mode || theirs.param != param || theirs.width != width ||
-      theirs.size != mine.size) {
+  const Warp::Slot& first = slots[0];  // every lane equal to lane 0: all lanes are at the same shuffle
+  if (first.sequence != sequence || first.mode != mode || first.param != param || first.width != width ||
+      first.size != mine.size) {
     record_error("warp shuffle: lanes of one warp are at different shuffles (divergent shuffle)");
     throw BarrierBroken{};
   }

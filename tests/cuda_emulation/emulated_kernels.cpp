@@ -250,6 +250,9 @@ extern "C" {
 
 const char* emu_last_error() { return last_error.c_str(); }
 
+// Schedule perturbation after every __syncthreads (seed 0: off); see cuda_on_cpu.h.
+void emu_set_schedule_perturbation(unsigned long long seed) { emu::perturb_seed = seed; }
+
 // How long a block may run before the launch counts as hung (a test hook).
 void emu_set_launch_timeout(int seconds) { emu::launch_timeout = std::chrono::seconds(seconds); }
 
