@@ -62,10 +62,13 @@ FOCAL_HOST_DEVICE acc_t rescale_sum(acc_t sum, acc_t from, acc_t to) {
 template <typename acc_t>
 FOCAL_HOST_DEVICE LogSumExpState<acc_t> lse_add(LogSumExpState<acc_t> s, acc_t x) {
   if (x > s.max) {
-    s.sum = rescale_sum(s.sum, s.max, x) + acc_t(1);
+    // x - x is NaN for x = +inf: a +inf logit makes the row NaN, as
+    // log_softmax does (inf - inf), whether or not states are merged later.
+    s.sum = rescale_sum(s.sum, s.max, x) + (acc_t(1) + (x - x));
     s.max = x;
-  } else {
-    // NaN in x lands here and poisons the sum, as log_softmax would.
+  } else if (x != s.max || s.sum != acc_t(0)) {
+    // NaN in x lands here and poisons the sum, as log_softmax would. The
+    // skipped case is -inf into an empty state: exp(-inf + inf) would be NaN.
     s.sum += math_exp(x - s.max);
   }
   return s;

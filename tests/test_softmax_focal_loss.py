@@ -443,6 +443,8 @@ def test_nan_and_inf_propagate(device, gen, reduction):
     x[3, 0] = math.nan  # ignored row with a NaN logit
     t[3] = -100
     x[4, t[4]] = math.inf  # +inf logit: log_softmax is NaN
+    x[0, (int(t[0]) + 1) % 5] = -math.inf  # -inf at another class: a masked class, everything stays finite
+    x[2, t[2]] = -math.inf  # -inf at the target: loss +inf
     go = randn(t.shape if reduction == "none" else (), gen, device=device)
     loss, g = fused_loss_and_grad(x, t, go, gamma=0.5, reduction=reduction)
     ref_loss, ref_g = reference_loss_and_grad(x, t, go, gamma=0.5, reduction=reduction)
@@ -451,7 +453,9 @@ def test_nan_and_inf_propagate(device, gen, reduction):
     else:
         assert torch.isnan(loss)
     assert_close_scaled(loss, ref_loss, x.dtype, "NaN-safe loss")
-    clean = [0, 2, 5]  # rows without NaN / inf: their gradient is unaffected
+    if reduction == "none":
+        assert torch.isfinite(loss[0]) and loss[2] == math.inf
+    clean = [0, 5]  # rows without NaN / +inf: their gradient is unaffected
     if reduction == "none":
         assert_close_scaled(g[clean], ref_g[clean], x.dtype, "grad of clean rows")
     assert g.shape == x.shape

@@ -7,21 +7,23 @@
 //
 // Execution model
 //   * Blocks run one at a time (in an order the caller may permute, see
-//     block_order), each with blockDim.x real std::threads. Only 1-D grids and
-//     blocks whose size is a multiple of 32 are supported.
+//     block_order), each on blockDim.x real threads (from a pool reused across
+//     launches). Only 1-D grids and blocks whose size is a multiple of 32.
 //   * __shared__ expands to `static`: a function-local static is shared by every
 //     thread that runs the function, and because blocks run one after the other,
 //     that is exactly per-block shared memory (each template instantiation has its
 //     own). Unlike a GPU, shared memory keeps the previous block's values instead
 //     of being undefined at block start.
-//   * __syncthreads is a barrier over the block's threads; warp shuffles go through
-//     a per-warp exchange buffer with two barrier phases over the warp's 32 threads.
+//   * __syncthreads is a barrier over the block's threads; a warp shuffle is a
+//     barrier over the warp's 32 threads around a (double-buffered) exchange buffer.
 //     Threads of a warp run independently (no implicit warp synchrony), so code
-//     that relies on lock-step execution without __syncwarp/shuffles is exposed.
+//     that relies on lock-step execution without shuffles or barriers is exposed.
+//   * Optionally (perturb_seed) some warps are held back after each __syncthreads
+//     while the others run ahead to the next one, to expose shared-memory races.
 //   * Misuse that would hang or be undefined on a GPU is reported instead: a thread
-//     returning while others of its block (or warp) wait at a barrier, lanes meeting
-//     at different shuffles, a partial shuffle mask, or a barrier timing out. The
-//     launch then throws cuda_on_cpu::EmulationError.
+//     returning while others of its block (or warp) wait at a barrier, lanes at
+//     different shuffles, a partial shuffle mask, a block still running after
+//     launch_timeout. The launch then throws cuda_on_cpu::EmulationError.
 //   * Global-memory atomics use std::atomic_ref, __threadfence a seq_cst fence.
 //
 // Only what the focal-loss kernels use is implemented. crt/host_defines.h (pulled
@@ -100,9 +102,9 @@ inline void record_error(const std::string& message) {
   if (first_error.empty()) first_error = message;
 }
 
-// A reusable barrier over `expected` threads (std::atomic wait / notify,
-// futexes on Linux) that detects divergence: a member thread that returns from the kernel
-// while others wait, or before another arrives, breaks it, and every waiter throws.
+// A reusable barrier over `expected` threads (std::atomic wait / notify) that
+// detects divergence: a member thread that returns from the kernel while others
+// wait, or before another arrives, breaks it, and every waiter throws.
 class Barrier {
  public:
   Barrier(int expected, const char* what) : expected_(expected), what_(what) {}
@@ -138,7 +140,8 @@ class Barrier {
   void leave() {
     exited_.fetch_add(1);
     announce_progress();
-    if (arrived_.load() > 0 && !broken_.load()) fail_quietly("a thread returned from the kernel while others wait at a barrier");
+    if (arrived_.load() > 0 && !broken_.load())
+      fail_quietly("a thread returned from the kernel while others wait at a barrier");
   }
 
   // Releases every waiter (they throw BarrierBroken).
@@ -200,6 +203,8 @@ struct ThreadContext {
   unsigned long long syncs = 0;     // __syncthreads this thread has passed
 };
 
+inline thread_local ThreadContext current;
+
 // splitmix64, to pick the held-back warps.
 inline unsigned long long mix(unsigned long long x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -207,7 +212,6 @@ inline unsigned long long mix(unsigned long long x) {
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
   return x ^ (x >> 31);
 }
-inline thread_local ThreadContext current;
 
 }  // namespace cuda_on_cpu
 
@@ -263,7 +267,8 @@ template <typename T>
 T shuffle(unsigned mask, T value, int mode, int param, int width) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "unsupported shuffle type");
   if (mask != 0xffffffffu) throw EmulationError("shuffle with a partial mask is not emulated");
-  if (width < 1 || width > 32 || (width & (width - 1)) != 0) throw EmulationError("shuffle width must be a power of two <= 32");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    throw EmulationError("shuffle width must be a power of two <= 32");
   ThreadContext& ctx = current;
   Warp& warp = ctx.block->warps[ctx.warp];
   const unsigned lane = ctx.lane;
@@ -391,7 +396,8 @@ class ThreadPool {
 template <typename... Params, typename... Args>
 void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params...), dim3 grid, dim3 block,
                      Args&&... args) {
-  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) throw EmulationError("only 1-D launches are emulated");
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1)
+    throw EmulationError("only 1-D launches are emulated");
   if (block.x == 0 || block.x % 32 != 0) throw EmulationError("block size must be a positive multiple of 32");
   if (order.size() != grid.x) throw EmulationError("block order does not match the grid");
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);  // kernel arguments, by value

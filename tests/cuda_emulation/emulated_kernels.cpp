@@ -32,7 +32,9 @@ enum Variant : int { kChannels = 0, kRowsGroup8 = 1, kRowsGroup32 = 2, kRowsBloc
 
 std::string last_error;
 
-fd::Geometry to_geometry(const long long* g) { return fd::Geometry{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]}; }
+fd::Geometry to_geometry(const long long* g) {
+  return fd::Geometry{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]};
+}
 
 bool aligned_16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -42,7 +44,8 @@ void require(bool ok, const char* what) {
 
 // 16-byte aligned bytes, filled with `fill`.
 struct Bytes {
-  explicit Bytes(std::size_t n, unsigned char fill) : data(static_cast<unsigned char*>(::operator new(n, std::align_val_t(16)))) {
+  explicit Bytes(std::size_t n, unsigned char fill)
+      : data(static_cast<unsigned char*>(::operator new(n, std::align_val_t(16)))) {
     std::memset(data, fill, n);
   }
   ~Bytes() { ::operator delete(data, std::align_val_t(16)); }
@@ -83,11 +86,12 @@ int guarded(F&& body) {
 
 template <typename acc_t>
 void run_count(long long grid, unsigned long long order, const void* target, int target_kind, long long positions,
-               long long classes, long long ignore_index, long long* partial_count, unsigned int* ticket, acc_t* state) {
+               long long classes, long long ignore_index, long long* partial_count, unsigned int* ticket,
+               acc_t* state) {
   require(grid >= 1, "grid must be >= 1");
-  emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order), &fd::count_valid_targets_kernel<kBlock, acc_t>,
-                       dim3(static_cast<unsigned>(grid)), dim3(kBlock), target, target_kind, positions, classes,
-                       ignore_index, partial_count, ticket, state);
+  emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
+                       &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(grid)), dim3(kBlock),
+                       target, target_kind, positions, classes, ignore_index, partial_count, ticket, state);
 }
 
 // The launcher's `vectorizable` condition: VEC-wide accesses need unit class
@@ -267,8 +271,8 @@ int emu_softmax_focal_loss_forward(int dtype, int variant, int vec, long long gr
                                    const void* class_weight, int fold_mean_into_forward, void* state) {
   return guarded([&] {
     dispatch(dtype, [&](auto tag) {
-      run_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, grad, loss, geometry, target, target_kind,
-                                 reduction, compute_grad, ignore_index, gamma, alpha, class_weight,
+      run_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, grad, loss, geometry, target,
+                                 target_kind, reduction, compute_grad, ignore_index, gamma, alpha, class_weight,
                                  fold_mean_into_forward, state);
     });
   });
@@ -316,7 +320,9 @@ int emu_selftest_shared(long long* out) {
 // which: 0 divergent __syncthreads, 1 lanes at different shuffles, 2 a lane missing at a shuffle.
 int emu_selftest_misuse(int which) {
   return guarded([&] {
-    auto* kernel = which == 0 ? &divergent_barrier_kernel : which == 1 ? &divergent_shuffle_kernel : &partial_warp_shuffle_kernel;
+    auto* kernel = which == 0   ? &divergent_barrier_kernel
+                   : which == 1 ? &divergent_shuffle_kernel
+                                : &partial_warp_shuffle_kernel;
     emu::launch(kernel, dim3(2), dim3(128), 0);
   });
 }
