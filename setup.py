@@ -57,7 +57,7 @@ def _nvidia_wheel_include_flags() -> list[str]:
 
 
 def _extension():
-    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "softmax_focal_loss.cpp")]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     defines = [("FOCAL_CUDA_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]

@@ -42,6 +42,10 @@ FOCAL_HOST_DEVICE float math_log(float x) { return logf(x); }
 FOCAL_HOST_DEVICE double math_log(double x) { return log(x); }
 FOCAL_HOST_DEVICE float math_expm1(float x) { return expm1f(x); }
 FOCAL_HOST_DEVICE double math_expm1(double x) { return expm1(x); }
+FOCAL_HOST_DEVICE float math_log1p(float x) { return log1pf(x); }
+FOCAL_HOST_DEVICE double math_log1p(double x) { return log1p(x); }
+FOCAL_HOST_DEVICE float math_abs(float x) { return fabsf(x); }
+FOCAL_HOST_DEVICE double math_abs(double x) { return fabs(x); }
 FOCAL_HOST_DEVICE float math_pow(float x, float y) { return powf(x, y); }
 FOCAL_HOST_DEVICE double math_pow(double x, double y) { return pow(x, y); }
 
@@ -107,6 +111,8 @@ template <typename T>
 struct ScalarMath {
   static FOCAL_HOST_DEVICE T exp(T x) { return math_exp(x); }
   static FOCAL_HOST_DEVICE T expm1(T x) { return math_expm1(x); }
+  static FOCAL_HOST_DEVICE T log1p(T x) { return math_log1p(x); }
+  static FOCAL_HOST_DEVICE T abs(T x) { return math_abs(x); }
   static FOCAL_HOST_DEVICE T pow(T x, T y) { return math_pow(x, y); }
   static FOCAL_HOST_DEVICE T neg(T x) { return -x; }
   static FOCAL_HOST_DEVICE T select_positive(T q, T if_positive, T otherwise) {  // q > 0 ? a : b
@@ -114,21 +120,21 @@ struct ScalarMath {
   }
 };
 
+// (1 - p)^gamma, with the usual gammas as products (also 0^0 = 1).
+template <typename T, typename S, typename Math>
+FOCAL_HOST_DEVICE T modulating_factor(T one_minus_p, S gamma) {
+  if (gamma == S(0)) return T(S(1));
+  if (gamma == S(1)) return one_minus_p;
+  if (gamma == S(2)) return one_minus_p * one_minus_p;
+  return Math::pow(one_minus_p, T(gamma));
+}
+
 // T: the value type (a scalar, or a vector of lanes); S: the scalar type of gamma.
 template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE FocalTerms<T> focal_terms(T log_p, S gamma, T alpha) {
   const T one_minus_p = Math::neg(Math::expm1(log_p));
   const T p = Math::exp(log_p);
-  T modulating;  // (1 - p)^gamma
-  if (gamma == S(0)) {
-    modulating = T(S(1));  // also 0^0 = 1
-  } else if (gamma == S(1)) {
-    modulating = one_minus_p;
-  } else if (gamma == S(2)) {
-    modulating = one_minus_p * one_minus_p;
-  } else {
-    modulating = Math::pow(one_minus_p, T(gamma));
-  }
+  const T modulating = modulating_factor<T, S, Math>(one_minus_p, gamma);
   // log(p) / (1 - p), with its limit -1 where p rounds to 1.
   const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
   FocalTerms<T> t;
@@ -142,6 +148,47 @@ FOCAL_HOST_DEVICE FocalTerms<T> focal_terms(T log_p, S gamma, T alpha) {
 template <typename acc_t>
 FOCAL_HOST_DEVICE acc_t focal_grad(const FocalTerms<acc_t>& t, acc_t p_j, bool is_target) {
   return is_target ? -t.grad_coef * t.one_minus_p : t.grad_coef * p_j;
+}
+
+// Sigmoid focal loss of one logit x with target y in [0, 1] (soft labels allowed),
+// torchvision's formulation:
+//
+//   ce   = softplus(x) - x y                 (binary cross entropy with logits)
+//   m    = 1 - p_t = p (1 - y) + (1 - p) y,  p = sigmoid(x)
+//   loss = alpha_t ce m^gamma,               alpha_t = alpha y + (1 - alpha)(1 - y), or 1
+//   dloss/dx = alpha_t (m^gamma (p - y) + gamma ce m^(gamma-1) p (1 - p)(1 - 2y))
+//            = alpha_t m^gamma ((p - y) + gamma ce r),  r = p (1 - p)(1 - 2y) / m.
+//
+// r is bounded (|r| <= 2) and is evaluated without a negative power; where m
+// rounds to 0 (hard targets, saturated logits) it takes its limit 1 - 2y. p and
+// 1 - p both come from exp(-|x|), so neither tail loses digits, and
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) is finite for every finite x.
+template <typename T>
+struct SigmoidFocalTerms {
+  T loss;
+  T grad;
+};
+
+// use_alpha false: alpha_t = 1 (torchvision's alpha < 0).
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
+  const T zero = T(S(0)), one = T(S(1));
+  const T e = Math::exp(Math::neg(Math::abs(x)));
+  const T inv = one / (one + e);
+  const T p = Math::select_positive(x, inv, e * inv);  // sigmoid(x)
+  const T q = Math::select_positive(x, e * inv, inv);  // sigmoid(-x) = 1 - p
+  const T ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
+  const T not_y = one - y;
+  const T m = p * not_y + q * y;
+  const T modulating = modulating_factor<T, S, Math>(m, gamma);
+  const T one_minus_2y = not_y - y;
+  const T r = Math::select_positive(m, p * q * one_minus_2y / m, one_minus_2y);
+  const T p_minus_y = p * not_y - q * y;
+  const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
+  SigmoidFocalTerms<T> out;
+  out.loss = alpha_t * ce * modulating;
+  out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * ce * r);
+  return out;
 }
 
 }  // namespace focal_cuda

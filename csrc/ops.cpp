@@ -26,12 +26,21 @@ TORCH_LIBRARY(focal_cuda, m) {
       "softmax_focal_loss_forward(Tensor input, Tensor target, Tensor? class_weight, float alpha, float gamma, "
       "int ignore_index, int reduction, bool compute_grad, bool inplace_backward=False) "
       "-> (Tensor loss, Tensor grad_input, Tensor state)");
-  // Applies grad_output to the forward's gradient in place (skipped on the device when
-  // the scale is exactly 1) and marks the state consumed.
-  m.def("softmax_focal_loss_backward_(Tensor(a!) grad_input, Tensor(b!) state, Tensor grad_output) -> ()");
+  // Sigmoid focal loss over the last dim. target: floating, the input's shape (dense,
+  // soft labels allowed), or integer class indices of shape input.shape[:-1] (C means
+  // background, ignore_index drops the row). alpha < 0: no alpha weighting.
+  // normalizer (reduction "mean" only): the denominator, a 0-dim tensor on the
+  // input's device (read there, no host sync) or a 0-dim CPU tensor.
+  m.def(
+      "sigmoid_focal_loss_forward(Tensor input, Tensor target, float alpha, float gamma, int ignore_index, "
+      "int reduction, Tensor? normalizer, bool compute_grad, bool inplace_backward=False) "
+      "-> (Tensor loss, Tensor grad_input, Tensor state)");
+  // For either forward: applies grad_output to its gradient in place (skipped on the
+  // device when the scale is exactly 1) and marks the state consumed.
+  m.def("focal_loss_backward_(Tensor(a!) grad_input, Tensor(b!) state, Tensor grad_output) -> ()");
   // The same as a new tensor, for traced graphs (torch.compile), which cannot
   // mutate a saved activation: always one pass, never skipped.
-  m.def("softmax_focal_loss_backward(Tensor grad_input, Tensor state, Tensor grad_output) -> Tensor");
+  m.def("focal_loss_backward(Tensor grad_input, Tensor state, Tensor grad_output) -> Tensor");
 }
 
 namespace {

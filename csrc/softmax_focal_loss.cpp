@@ -4,10 +4,6 @@
 
 namespace focal_cuda {
 
-at::ScalarType accumulation_type(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(const at::Tensor& t) {
   const int64_t dims = t.dim();
   const int64_t stride_n = t.stride(0);
@@ -33,23 +29,6 @@ std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(con
   return std::make_tuple(stride_n, stride_c, inner_stride);
 }
 
-static TargetKind target_kind_of(const at::Tensor& target) {
-  switch (target.scalar_type()) {
-    case at::kByte:
-      return kTargetUInt8;
-    case at::kShort:
-      return kTargetInt16;
-    case at::kInt:
-      return kTargetInt32;
-    case at::kLong:
-      return kTargetInt64;
-    default:
-      TORCH_CHECK_TYPE(false, "softmax_focal_loss: target must be an integer tensor of class indices "
-                       "(int64, int32, int16 or uint8), got target.dtype=", target.scalar_type());
-  }
-  return kTargetInt64;
-}
-
 SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
     double alpha, double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad) {
@@ -62,7 +41,7 @@ SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
   TORCH_CHECK_VALUE(input.size(1) >= 1 || input.numel() == 0,
                     "softmax_focal_loss: input must have at least one class, got input.shape=", input.sizes());
   SoftmaxFocalForwardPlan plan;
-  plan.target_kind = target_kind_of(target);
+  plan.target_kind = target_kind_of(target, "softmax_focal_loss", "target");
   std::vector<int64_t> expected_target_shape{input.size(0)};
   for (int64_t d = 2; d < input.dim(); ++d) expected_target_shape.push_back(input.size(d));
   TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected_target_shape),
@@ -126,26 +105,6 @@ SoftmaxFocalForwardOutputs allocate_softmax_focal_loss_outputs(SoftmaxFocalForwa
   }
   out.state = at::empty({3}, input.options().dtype(accumulation_type(input.scalar_type())));
   return out;
-}
-
-bool check_softmax_focal_loss_backward(const at::Tensor& grad_input, const at::Tensor& state,
-                                       const at::Tensor& grad_output) {
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 3,
-                    "softmax_focal_loss_backward_: state must be the (3,) tensor returned by the forward, got state.shape=",
-                    state.sizes());
-  TORCH_CHECK_VALUE(grad_input.dim() >= 2,
-                    "softmax_focal_loss_backward_: grad_input must be the gradient buffer returned by a forward with "
-                    "compute_grad=True, got grad_input.shape=", grad_input.sizes());
-  TORCH_CHECK_VALUE(grad_output.device() == grad_input.device(),
-                    "softmax_focal_loss_backward_: grad_output must be on ", grad_input.device(),
-                    ", got grad_output.device=", grad_output.device());
-  if (grad_output.dim() == 0) return true;
-  std::vector<int64_t> expected{grad_input.size(0)};
-  for (int64_t d = 2; d < grad_input.dim(); ++d) expected.push_back(grad_input.size(d));
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected),
-                    "softmax_focal_loss_backward_: grad_output must be a scalar or have shape ", at::IntArrayRef(expected),
-                    ", got grad_output.shape=", grad_output.sizes());
-  return false;
 }
 
 }  // namespace focal_cuda

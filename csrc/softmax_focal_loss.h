@@ -1,6 +1,6 @@
 // Host-side pieces shared by the CPU and CUDA implementations of
-// focal_cuda::softmax_focal_loss_forward / softmax_focal_loss_backward_:
-// argument checks, the (N, C, S) view of the logits, and output allocation.
+// focal_cuda::softmax_focal_loss_forward: argument checks, the (N, C, S) view
+// of the logits, and output allocation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,7 @@
 #include <optional>
 #include <tuple>
 
+#include "focal_loss.h"
 #include "focal_loss_math.h"
 
 namespace focal_cuda {
@@ -57,13 +58,7 @@ struct SoftmaxFocalForwardOutputs {
 // Also fills the gradient strides of plan.geometry.
 SoftmaxFocalForwardOutputs allocate_softmax_focal_loss_outputs(SoftmaxFocalForwardPlan& plan);
 
-// Checks for softmax_focal_loss_backward_; returns true for a scalar grad_output (sum / mean).
-bool check_softmax_focal_loss_backward(const at::Tensor& grad_input, const at::Tensor& state,
-                                       const at::Tensor& grad_output);
-
 // Views `t` (N, C, d1..dk) as (N, C, S) strides, or nullopt if the spatial dims do not collapse.
 std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(const at::Tensor& t);
-
-at::ScalarType accumulation_type(at::ScalarType input_dtype);
 
 }  // namespace focal_cuda

@@ -8,10 +8,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, _ops  # noqa: F401  (registers the operators)
 from . import reference
-from .functional import softmax_focal_loss
+from .functional import sigmoid_focal_loss, softmax_focal_loss
 from .modules import FusedFocalLoss
 
-__all__ = ["FusedFocalLoss", "build_info", "reference", "softmax_focal_loss"]
+__all__ = ["FusedFocalLoss", "build_info", "reference", "sigmoid_focal_loss", "softmax_focal_loss"]
 __version__ = "0.1.0"
 
 

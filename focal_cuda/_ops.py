@@ -2,7 +2,8 @@
 
 The schemas live in csrc/ops.cpp (TORCH_LIBRARY); the CPU and CUDA kernels
 register themselves per dispatch key. What is registered here makes the ops
-differentiable and traceable by torch.compile.
+differentiable and traceable by torch.compile. Both forward ops return
+(loss, grad_input, state) and share one backward: focal_loss_backward(_).
 """
 
 from __future__ import annotations
@@ -15,76 +16,99 @@ _LIB = "focal_cuda"
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
+def _state_like(input: torch.Tensor) -> torch.Tensor:
+    return input.new_empty((3,), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+
+
 @torch.library.register_fake(f"{_LIB}::softmax_focal_loss_forward")
 def _softmax_focal_loss_forward_fake(
     input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, inplace_backward=False
 ):
     loss = input.new_empty(target.shape) if reduction == _REDUCTIONS["none"] else input.new_empty(())
     grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
-    state = input.new_empty((3,), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return loss, grad, state
+    return loss, grad, _state_like(input)
 
 
-@torch.library.register_fake(f"{_LIB}::softmax_focal_loss_backward_")
-def _softmax_focal_loss_backward_inplace_fake(grad_input, state, grad_output):
+@torch.library.register_fake(f"{_LIB}::sigmoid_focal_loss_forward")
+def _sigmoid_focal_loss_forward_fake(
+    input, target, alpha, gamma, ignore_index, reduction, normalizer, compute_grad, inplace_backward=False
+):
+    # The kernels write contiguous outputs.
+    loss = input.new_empty(input.shape) if reduction == _REDUCTIONS["none"] else input.new_empty(())
+    grad = input.new_empty(input.shape) if compute_grad else input.new_empty((0,))
+    return loss, grad, _state_like(input)
+
+
+@torch.library.register_fake(f"{_LIB}::focal_loss_backward_")
+def _focal_loss_backward_inplace_fake(grad_input, state, grad_output):
     return None
 
 
-@torch.library.register_fake(f"{_LIB}::softmax_focal_loss_backward")
-def _softmax_focal_loss_backward_fake(grad_input, state, grad_output):
+@torch.library.register_fake(f"{_LIB}::focal_loss_backward")
+def _focal_loss_backward_fake(grad_input, state, grad_output):
     return torch.empty_like(grad_input)
 
 
-def _softmax_focal_loss_setup_context(ctx, inputs, output):
-    input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, *rest = inputs
-    _, grad_input, state = output
-    ctx.mark_non_differentiable(grad_input, state)
-    # Otherwise autograd hands the backward a zero tensor the size of the logits for
-    # the non-differentiable grad_input output: a full extra write per step.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_input, state)
-    ctx.inplace_backward = bool(rest and rest[0])
-    ctx.backward_done = False
-    # Called directly with compute_grad=False on an input that requires grad: keep
-    # what a recomputation needs (the Python wrappers never take this path).
-    ctx.recompute_args = None if compute_grad else (input.detach(), target, class_weight, alpha, gamma, ignore_index, reduction)
+class _Autograd:
+    """The autograd formula of one forward op. ``input`` is argument 0 and ``compute_grad`` /
+    ``inplace_backward`` the last two; the forward's gradient buffer is applied by the shared backward."""
+
+    def __init__(self, op_name: str, num_args: int) -> None:
+        self.op_name = op_name
+        self.num_args = num_args
+
+    def setup_context(self, ctx, inputs, output) -> None:
+        *args, compute_grad = inputs[: self.num_args - 1]
+        inplace_backward = inputs[self.num_args - 1] if len(inputs) == self.num_args else False
+        _, grad_input, state = output
+        ctx.mark_non_differentiable(grad_input, state)
+        # Otherwise autograd hands the backward a zero tensor the size of the logits for
+        # the non-differentiable grad_input output: a full extra write per step.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_input, state)
+        ctx.inplace_backward = bool(inplace_backward)
+        ctx.backward_done = False
+        # Called directly with compute_grad=False on an input that requires grad: keep
+        # what a recomputation needs (the Python wrappers never take this path).
+        ctx.recompute_args = None if compute_grad else (args[0].detach(), *args[1:])
+
+    def backward(self, ctx, grad_loss, _grad_grad_input, _grad_state):
+        nones = [None] * (self.num_args - 1)
+        if grad_loss is None:  # the loss was not used (grads are not materialized)
+            return None, *nones
+        eager = type(grad_loss) is torch.Tensor
+        if eager and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.op_name}: double backward (create_graph=True) is not supported: the gradient is computed "
+                "by the forward kernel and is not itself differentiable"
+            )
+        in_place = ctx.inplace_backward and eager and ctx.recompute_args is None
+        if in_place and ctx.backward_done:
+            # Checked before the saved tensors are unpacked, whose version check would
+            # raise a less helpful error.
+            raise RuntimeError(
+                f"{self.op_name}: this forward's gradient was already consumed by a backward; a second backward "
+                "through the same graph (retain_graph=True) is not supported: run the forward again"
+            )
+        grad_input, state = ctx.saved_tensors
+        if ctx.recompute_args is not None:
+            with torch.no_grad():
+                forward = getattr(torch.ops.focal_cuda, f"{self.op_name}_forward")
+                _, grad_input, state = forward(*ctx.recompute_args, True)
+        if not in_place:
+            # The caller may still hold grad_input, or the backward is being traced
+            # (torch.compile, export, fake tensors: a graph may not mutate a saved
+            # activation): the gradient is a new tensor.
+            return torch.ops.focal_cuda.focal_loss_backward(grad_input, state, grad_loss), *nones
+        ctx.backward_done = True
+        # Eager: the forward's gradient buffer is consumed in place. No N x C allocation in
+        # backward, and no pass at all when grad_output times the stored scale is exactly 1.
+        torch.ops.focal_cuda.focal_loss_backward_(grad_input, state, grad_loss)
+        return grad_input, *nones
 
 
-def _softmax_focal_loss_backward(ctx, grad_loss, _grad_grad_input, _grad_state):
-    if grad_loss is None:  # the loss was not used (grads are not materialized)
-        return (None,) * 9
-    eager = type(grad_loss) is torch.Tensor
-    if eager and torch.is_grad_enabled():
-        raise RuntimeError(
-            "softmax_focal_loss: double backward (create_graph=True) is not supported: the gradient is computed "
-            "by the forward kernel and is not itself differentiable"
-        )
-    in_place = ctx.inplace_backward and eager and ctx.recompute_args is None
-    if in_place and ctx.backward_done:
-        # Checked before the saved tensors are unpacked, whose version check would
-        # raise a less helpful error.
-        raise RuntimeError(
-            "softmax_focal_loss: this forward's gradient was already consumed by a backward; a second backward "
-            "through the same graph (retain_graph=True) is not supported: run the forward again"
-        )
-    grad_input, state = ctx.saved_tensors
-    if ctx.recompute_args is not None:
-        with torch.no_grad():
-            _, grad_input, state = torch.ops.focal_cuda.softmax_focal_loss_forward(*ctx.recompute_args, True)
-    if not in_place:
-        # The caller may still hold grad_input, or the backward is being traced
-        # (torch.compile, export, fake tensors: a graph may not mutate a saved
-        # activation): the gradient is a new tensor.
-        return torch.ops.focal_cuda.softmax_focal_loss_backward(grad_input, state, grad_loss), *([None] * 8)
-    ctx.backward_done = True
-    # Eager: the forward's gradient buffer is consumed in place. No N x C allocation in
-    # backward, and no pass at all when grad_output times the stored scale is exactly 1.
-    torch.ops.focal_cuda.softmax_focal_loss_backward_(grad_input, state, grad_loss)
-    return grad_input, *([None] * 8)
-
-
-torch.library.register_autograd(
-    f"{_LIB}::softmax_focal_loss_forward",
-    _softmax_focal_loss_backward,
-    setup_context=_softmax_focal_loss_setup_context,
-)
+for _name, _num_args in (("softmax_focal_loss", 9), ("sigmoid_focal_loss", 9)):
+    _formula = _Autograd(_name, _num_args)
+    torch.library.register_autograd(
+        f"{_LIB}::{_name}_forward", _formula.backward, setup_context=_formula.setup_context
+    )

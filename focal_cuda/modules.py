@@ -7,16 +7,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import Alpha, reduction_code, softmax_focal_loss
+from .functional import Alpha, Normalizer, reduction_code, sigmoid_focal_loss, softmax_focal_loss
 
 __all__ = ["FusedFocalLoss"]
+
+_MODES = ("softmax", "sigmoid")
 
 
 class FusedFocalLoss(nn.Module):
     """Focal loss as a module: a drop-in for ``FocalLoss(gamma, alpha, reduction)`` and ``nn.CrossEntropyLoss``.
 
-    ``mode="softmax"``: ``input`` ``(N, C, ...)`` logits, ``target`` ``(N, ...)`` class indices.
-    A per-class ``alpha`` is kept as a buffer, so it follows ``.to(device)``.
+    ``mode="softmax"``: ``input`` ``(N, C, ...)`` logits, ``target`` ``(N, ...)`` class indices; ``alpha`` is
+    ``None``, a float or ``C`` per-class weights (kept as a buffer, so it follows ``.to(device)``).
+
+    ``mode="sigmoid"`` (detection): ``input`` ``(..., C)`` logits, ``target`` dense floats of the same shape or
+    class indices of shape ``input.shape[:-1]`` (``C`` = background); ``alpha`` is ``None`` (no weighting) or a
+    float (torchvision's alpha). ``forward`` also takes ``normalizer`` (``reduction="mean"`` only).
     """
 
     class_weight: Optional[torch.Tensor]
@@ -30,8 +36,8 @@ class FusedFocalLoss(nn.Module):
         mode: str = "softmax",
     ) -> None:
         super().__init__()
-        if mode != "softmax":
-            raise ValueError(f"mode must be 'softmax', got mode={mode!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'softmax' or 'sigmoid', got mode={mode!r}")
         reduction_code(reduction)
         self.gamma = float(gamma)
         self.ignore_index = int(ignore_index)
@@ -41,12 +47,20 @@ class FusedFocalLoss(nn.Module):
         if alpha is None or isinstance(alpha, (int, float)):
             self.alpha_scalar = None if alpha is None else float(alpha)
             self.register_buffer("class_weight", None)
+        elif mode == "sigmoid":
+            raise ValueError(f"mode='sigmoid' takes alpha=None or a float, got alpha={alpha!r}")
         else:
             # float64 so that float64 inputs see the weights as given; the kernels read them in
             # their accumulation type.
             self.register_buffer("class_weight", torch.as_tensor(alpha, dtype=torch.float64).detach().clone())
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, normalizer: Normalizer = None) -> torch.Tensor:
+        if self.mode == "sigmoid":
+            alpha = -1.0 if self.alpha_scalar is None else self.alpha_scalar
+            return sigmoid_focal_loss(input, target, alpha, self.gamma, self.reduction,
+                                      ignore_index=self.ignore_index, normalizer=normalizer)
+        if normalizer is not None:
+            raise ValueError(f"normalizer is for mode='sigmoid', got mode={self.mode!r} and normalizer={normalizer!r}")
         alpha = self.class_weight if self.class_weight is not None else self.alpha_scalar
         return softmax_focal_loss(input, target, self.gamma, alpha, self.ignore_index, self.reduction)
 

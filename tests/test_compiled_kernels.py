@@ -90,7 +90,8 @@ def test_no_spills_and_no_local_memory():
     assert _expected_sm_archs() <= archs, f"resource usage missing for {sorted(_expected_sm_archs() - archs)}"
     kernels = {name for _, name, _ in usage}
     for needed in ("softmax_focal_loss_rows_kernel", "softmax_focal_loss_channels_kernel",
-                   "softmax_focal_loss_backward_kernel", "count_valid_targets_kernel"):
+                   "sigmoid_focal_loss_dense_kernel", "sigmoid_focal_loss_index_kernel",
+                   "focal_loss_backward_kernel", "count_valid_targets_kernel"):
         assert any(needed in k for k in kernels), f"{needed} not found in the binary"
     offenders = [(arch, name, f) for arch, name, f in usage if f.get("STACK", 0) or f.get("LOCAL", 0)]
     assert not offenders, "kernels using stack or local memory (spills):\n" + "\n".join(

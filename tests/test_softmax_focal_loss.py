@@ -829,9 +829,9 @@ def test_opcheck_backward(device, gen):
         with torch.no_grad():
             loss, grad_buf, state = OP.softmax_focal_loss_forward(*args)
         go = torch.ones_like(loss) * 0.5
-        torch.library.opcheck(OP.softmax_focal_loss_backward_.default, (grad_buf, state, go))
-        if hasattr(OP, "softmax_focal_loss_backward"):  # the functional (non-mutating) variant, if registered
-            torch.library.opcheck(OP.softmax_focal_loss_backward.default, (grad_buf, state, go))
+        torch.library.opcheck(OP.focal_loss_backward_.default, (grad_buf, state, go))
+        if hasattr(OP, "focal_loss_backward"):  # the functional (non-mutating) variant, if registered
+            torch.library.opcheck(OP.focal_loss_backward.default, (grad_buf, state, go))
 
 
 def test_forward_op_outputs(gen):
@@ -843,7 +843,7 @@ def test_forward_op_outputs(gen):
                                                               True)
         assert grad_buf.shape == x.shape and state.dim() == 1
         go = randn(loss.shape, gen, dtype=torch.float64)
-        OP.softmax_focal_loss_backward_(grad_buf, state, go)
+        OP.focal_loss_backward_(grad_buf, state, go)
         ref_loss, ref_g = reference_loss_and_grad(x, t, go, gamma=2.0, reduction=reduction)
         assert_close_scaled(loss, ref_loss, x.dtype, reduction)
         assert_close_scaled(grad_buf, ref_g, x.dtype, reduction)

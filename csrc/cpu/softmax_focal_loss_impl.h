@@ -1,6 +1,6 @@
-// The CPU kernel bodies, compiled once per instruction set: included by
-// softmax_focal_loss_kernel_baseline.cpp and softmax_focal_loss_kernel_avx2.cpp,
-// each defining FOCAL_CPU_NAMESPACE (and, for AVX2, the at::vec capability).
+// The softmax CPU kernel bodies, compiled once per instruction set: included by
+// focal_loss_kernels_baseline.cpp and focal_loss_kernels_avx2.cpp, each
+// defining FOCAL_CPU_NAMESPACE (and, for AVX2, the at::vec capability).
 // at::vec then maps Vectorized<float> onto that instruction set, exp included.
 #pragma once
 
@@ -16,6 +16,7 @@
 
 #include "../focal_loss_math.h"
 #include "softmax_focal_loss_cpu.h"
+#include "vec_math.h"
 
 #ifndef FOCAL_CPU_NAMESPACE
 #error "define FOCAL_CPU_NAMESPACE before including softmax_focal_loss_impl.h"
@@ -36,18 +37,6 @@ struct FocalParams {
   acc_t grad_scale;           // 1, or 1/count when the mean is folded into the forward
   bool compute_grad;
   bool write_per_element_loss;
-};
-
-// focal_loss_math.h's elementary functions on at::vec lanes.
-template <typename Vec>
-struct VecMath {
-  static Vec exp(Vec x) { return x.exp(); }
-  static Vec expm1(Vec x) { return x.expm1(); }
-  static Vec pow(Vec x, Vec y) { return x.pow(y); }
-  static Vec neg(Vec x) { return x.neg(); }
-  static Vec select_positive(Vec q, Vec if_positive, Vec otherwise) {
-    return Vec::blendv(otherwise, if_positive, q > Vec(typename Vec::value_type(0)));
-  }
 };
 
 template <typename acc_t>

@@ -91,7 +91,7 @@ void run_count(long long grid, unsigned long long order, const void* target, int
   require(grid >= 1, "grid must be >= 1");
   emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
                        &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(grid)), dim3(kBlock),
-                       target, target_kind, positions, classes, ignore_index, partial_count, ticket, state);
+                       target, target_kind, positions, classes, ignore_index, 1LL, partial_count, ticket, state);
 }
 
 // The launcher's `vectorizable` condition: VEC-wide accesses need unit class
@@ -186,12 +186,13 @@ void run_backward(int vec, long long grid, unsigned long long order, const void*
     require(scalar_grad_output != 0, "the VEC backward is for a scalar grad_output only");
     require(g.rows * g.classes * g.spatial % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr),
             "the VEC backward needs numel % VEC == 0 and aligned buffers");
-    emu::launch_in_order(blocks, &fd::softmax_focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
-                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr, true, state_ptr);
-  } else {
-    emu::launch_in_order(blocks, &fd::softmax_focal_loss_backward_kernel<scalar_t, kBlock, 1>,
+    emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
                          dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr,
-                         scalar_grad_output != 0, state_ptr);
+                         fd::kGradOutputScalar, state_ptr);
+  } else {
+    emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, 1>,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr,
+                         scalar_grad_output != 0 ? fd::kGradOutputScalar : fd::kGradOutputPerPosition, state_ptr);
   }
 }
 
@@ -298,7 +299,7 @@ int emu_count_valid_targets(int acc_dtype, long long grid, unsigned long long or
   });
 }
 
-// softmax_focal_loss_backward_kernel: out = grad * grad_output * state[1] (NaN if
+// focal_loss_backward_kernel (softmax layouts): out = grad * grad_output * state[1] (NaN if
 // state[2] != 0); `out` may be `grad` (in place). vec: the 16-byte variant.
 int emu_softmax_focal_loss_backward(int dtype, int vec, long long grid, unsigned long long order, const void* grad,
                                     void* out, const long long* geometry, const void* grad_output,

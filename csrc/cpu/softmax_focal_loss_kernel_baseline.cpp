@@ -1,3 +1,0 @@
-// The CPU kernels for any x86-64 / aarch64 CPU (at::vec's default width).
-#define FOCAL_CPU_NAMESPACE baseline
-#include "softmax_focal_loss_impl.h"

@@ -1,0 +1,49 @@
+// Host-side pieces shared by the CPU and CUDA implementations of
+// focal_cuda::sigmoid_focal_loss_forward: argument checks, the (rows, classes)
+// view, the denominator of "mean", and output allocation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "focal_loss.h"
+#include "focal_loss_math.h"
+
+namespace focal_cuda {
+
+struct SigmoidFocalForwardPlan {
+  at::Tensor input;   // contiguous, viewed as (rows, classes): classes is the last dim
+  at::Tensor target;  // contiguous. Dense: the input's dtype or the accumulation dtype. Index: as given
+  int64_t rows = 0;
+  int64_t classes = 0;
+  bool index_targets = false;
+  TargetKind target_kind = kTargetInt64;  // index targets only
+  int64_t reduction = kReductionNone;
+  bool compute_grad = false;
+  bool use_alpha = true;  // alpha >= 0
+  // "mean" with a normalizer: on the input's device in the accumulation dtype (read
+  // by the kernels), or a number known on the host (a CPU tensor, or a CPU input).
+  std::optional<at::Tensor> device_normalizer;
+  std::optional<double> host_normalizer;
+  // As for softmax: 1/denominator folded into the forward gradient, but for float16.
+  bool fold_mean_into_forward = false;
+  int64_t numel() const { return rows * classes; }
+  bool has_normalizer() const { return device_normalizer.has_value() || host_normalizer.has_value(); }
+};
+
+SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input, const at::Tensor& target,
+                                                        double alpha, double gamma, int64_t ignore_index,
+                                                        int64_t reduction, const std::optional<at::Tensor>& normalizer,
+                                                        bool compute_grad);
+
+// loss: the input's shape for "none", else 0-dim; grad: contiguous, input-shaped (empty
+// without compute_grad); state: [forward gradient scale, backward gradient scale, consumed].
+struct SigmoidFocalForwardOutputs {
+  at::Tensor loss;
+  at::Tensor grad;
+  at::Tensor state;
+};
+SigmoidFocalForwardOutputs allocate_sigmoid_focal_loss_outputs(const SigmoidFocalForwardPlan& plan);
+
+}  // namespace focal_cuda
