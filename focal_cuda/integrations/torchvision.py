@@ -1,0 +1,61 @@
+"""torchvision RetinaNet with focal_cuda's fused sigmoid focal loss.
+
+``RetinaNetClassificationHead.compute_loss`` builds a one-hot target per image, drops the
+between-thresholds anchors with a boolean mask (a copy of the logits and a host sync) and calls
+``torchvision.ops.sigmoid_focal_loss``. The replacement reads the matched class indices directly
+(index targets: no one-hot, no masked copy) and divides by ``max(1, num_foreground)`` on the device.
+Same loss, same gradients.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..functional import sigmoid_focal_loss
+
+__all__ = ["retinanet_classification_loss", "use_fused_focal_loss"]
+
+# torchvision.models.detection._utils.Matcher
+_BELOW_LOW_THRESHOLD = -1
+_BETWEEN_THRESHOLDS = -2
+
+
+def retinanet_classification_loss(
+    targets: list[dict[str, torch.Tensor]],
+    head_outputs: dict[str, torch.Tensor],
+    matched_idxs: list[torch.Tensor],
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets."""
+    cls_logits = head_outputs["cls_logits"]  # (N, anchors, C)
+    num_classes = cls_logits.shape[-1]
+    losses = []
+    for targets_per_image, logits, matched in zip(targets, cls_logits, matched_idxs):
+        foreground = matched >= 0
+        labels = targets_per_image["labels"][matched.clamp(min=0)]
+        index = torch.where(foreground, labels, torch.full_like(labels, num_classes))  # C = background
+        index = torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index)
+        normalizer = foreground.sum().clamp(min=1)  # max(1, num_foreground), on the device
+        losses.append(
+            sigmoid_focal_loss(logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
+                               normalizer=normalizer)
+        )
+    return torch.stack(losses).sum() / len(targets)
+
+
+def use_fused_focal_loss(model: nn.Module, alpha: float = 0.25, gamma: float = 2.0) -> nn.Module:
+    """Makes a torchvision ``RetinaNet`` (or its ``RetinaNetClassificationHead``) compute its classification
+    loss with focal_cuda. Returns the model."""
+    head = getattr(getattr(model, "head", None), "classification_head", model)
+    if not hasattr(head, "compute_loss") or not hasattr(head, "cls_logits"):
+        raise TypeError(f"model must be a torchvision RetinaNet or RetinaNetClassificationHead, got {type(model).__name__}")
+
+    def compute_loss(self, targets, head_outputs, matched_idxs):
+        return retinanet_classification_loss(targets, head_outputs, matched_idxs, alpha, gamma)
+
+    head.compute_loss = types.MethodType(compute_loss, head)
+    return model
