@@ -187,7 +187,9 @@ FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S 
   const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
   SigmoidFocalTerms<T> out;
   out.loss = alpha_t * ce * modulating;
-  out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * ce * r);
+  // ce r first: ce reaches |x| (up to the dtype's max) only where r underflows to 0,
+  // so gamma ce would overflow to inf and make inf * 0 = NaN.
+  out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * (ce * r));
   return out;
 }
 

@@ -1,5 +1,6 @@
 #include "sigmoid_focal_loss.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -20,8 +21,6 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "sigmoid_focal_loss: inputs must be float16, bfloat16, float32 or float64 logits, got inputs.dtype=",
                    dtype);
-  TORCH_CHECK_VALUE(input.dim() >= 1, "sigmoid_focal_loss: inputs must have at least one dim (classes last), got "
-                    "inputs.shape=", input.sizes());
   TORCH_CHECK_VALUE(target.device() == input.device(), "sigmoid_focal_loss: targets must be on the inputs' device ",
                     input.device(), ", got targets.device=", target.device());
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0,
@@ -32,7 +31,9 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
 
   SigmoidFocalForwardPlan plan;
   plan.index_targets = !at::isFloatingType(target.scalar_type());
-  const auto index_shape = input.sizes().slice(0, input.dim() - 1);
+  TORCH_CHECK_VALUE(input.dim() >= 1 || !plan.index_targets, "sigmoid_focal_loss: index targets need inputs with a "
+                    "class dim (classes last), got inputs.shape=", input.sizes());
+  const auto index_shape = input.sizes().slice(0, std::max<int64_t>(input.dim() - 1, 0));
   if (plan.index_targets) {
     plan.target_kind = target_kind_of(target, "sigmoid_focal_loss", "targets");
     TORCH_CHECK_VALUE(target.sizes() == index_shape, "sigmoid_focal_loss: integer targets are class indices of shape "
@@ -67,7 +68,7 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
     }
   }
   plan.input = input.contiguous();
-  plan.classes = input.size(-1);
+  plan.classes = input.dim() >= 1 ? input.size(-1) : 1;  // a 0-dim dense input is one element
   plan.rows = plan.classes > 0 ? input.numel() / plan.classes : 1;
   for (int64_t d = 0; d + 1 < input.dim() && plan.classes == 0; ++d) plan.rows *= input.size(d);
   plan.reduction = reduction;

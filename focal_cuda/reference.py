@@ -1,19 +1,20 @@
 """Pure-PyTorch focal loss: the oracle the fused kernels are tested against.
 
-Plain autograd-differentiable code (log_softmax + gather), written for clarity,
-not speed. Same signature and semantics as :func:`focal_cuda.softmax_focal_loss`.
+Plain autograd-differentiable code (log_softmax + gather; sigmoid + one-hot targets),
+written for clarity, not speed. Same signatures and semantics as
+:func:`focal_cuda.softmax_focal_loss` and :func:`focal_cuda.sigmoid_focal_loss`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softmax_focal_loss"]
+__all__ = ["sigmoid_focal_loss", "softmax_focal_loss"]
 
 Alpha = Union[None, float, Sequence[float], torch.Tensor]
 
@@ -90,3 +91,133 @@ def softmax_focal_loss(
     elif reduction == "mean":
         loss = loss.sum() / valid.sum().clamp(min=1).to(acc)
     return loss.to(input.dtype)
+
+
+Normalizer = Union[None, float, torch.Tensor]
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+) -> torch.Tensor:
+    """Sigmoid focal loss ``alpha_t (1 - p_t)**gamma BCE(x, y)`` per element, ``p = sigmoid(inputs)``.
+
+    Args:
+        inputs: logits of any shape, classes on the last dim; float16, bfloat16, float32 or float64.
+        targets: either dense: floating, the inputs' shape, values in [0, 1] (soft labels allowed);
+            or class indices: int64, int32, int16 or uint8 of shape ``inputs.shape[:-1]``, where
+            ``c`` in ``[0, C)`` is the row's positive class, ``C`` is background (every class
+            negative) and ``ignore_index`` drops the whole row.
+        alpha: weight of the positives (``1 - alpha`` for the negatives); ``alpha < 0``: no weighting.
+        gamma: focusing parameter, a finite number ``>= 0``.
+        reduction: ``"none"`` (the inputs' shape, 0 on ignored rows), ``"sum"``, or ``"mean"``:
+            sum / number of elements (index targets: non-ignored rows x C; 0 when that is 0).
+        ignore_index: index targets only.
+        normalizer: ``reduction="mean"`` only: the denominator, a number or a 0-dim tensor, used as given.
+
+    Dense targets: equals ``torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)``.
+    Index targets: equals the dense form on the one-hot targets, ignored rows contributing 0.
+    Math runs in float32 (float64 for float64 inputs); the result has the inputs' dtype.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor, got inputs={type(inputs).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got targets={type(targets).__name__}")
+    if inputs.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got inputs.dtype={inputs.dtype}")
+    if targets.requires_grad:
+        raise ValueError("targets must not require grad: the gradient is taken with respect to the logits only, "
+                         "got targets.requires_grad=True")
+    index_targets = not targets.dtype.is_floating_point
+    if index_targets:
+        if targets.dtype not in _TARGET_DTYPES:
+            raise TypeError("targets must be floating (dense) or int64, int32, int16 or uint8 class indices, "
+                            f"got targets.dtype={targets.dtype}")
+        if inputs.dim() < 1:
+            raise ValueError(f"inputs must have a class dimension (last) for index targets, "
+                             f"got inputs.shape={tuple(inputs.shape)}")
+        expected = inputs.shape[:-1]
+        if targets.shape != expected:
+            raise ValueError(f"integer targets are class indices of shape inputs.shape[:-1]={tuple(expected)}, "
+                             f"got targets.shape={tuple(targets.shape)}")
+    elif targets.shape != inputs.shape:
+        raise ValueError(f"floating targets are dense and must have the inputs' shape {tuple(inputs.shape)}, "
+                         f"got targets.shape={tuple(targets.shape)}")
+    if isinstance(alpha, torch.Tensor):
+        if alpha.requires_grad:
+            raise ValueError("alpha must not require grad, got alpha.requires_grad=True")
+        if alpha.dim() != 0:
+            raise ValueError(f"alpha must be a number, got alpha.shape={tuple(alpha.shape)}")
+        alpha = float(alpha)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (< 0: no weighting), got alpha={alpha!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got reduction={reduction!r}")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer is only allowed with reduction='mean', got reduction={reduction!r}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.dim() != 0:
+                raise ValueError(f"normalizer must be a number or a 0-dim tensor, "
+                                 f"got normalizer.shape={tuple(normalizer.shape)}")
+            if normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise TypeError(f"normalizer must be a real number, got normalizer.dtype={normalizer.dtype}")
+            if normalizer.requires_grad:
+                raise ValueError("normalizer must not require grad, got normalizer.requires_grad=True")
+        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+            raise TypeError(f"normalizer must be None, a number or a 0-dim tensor, got normalizer={normalizer!r}")
+
+    acc = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    x = inputs.to(acc)
+    num_classes = inputs.shape[-1] if inputs.dim() > 0 else 1
+    valid: Optional[torch.Tensor] = None  # per row, index targets only
+    if index_targets:
+        t = targets.long()
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t > num_classes))
+        if bad.any():
+            value = int(t[bad][0])
+            raise IndexError(f"targets values must be in [0, {num_classes}] ({num_classes} = background) or "
+                             f"ignore_index={ignore_index}, got targets value {value}")
+        positive = torch.where(valid, t, torch.full_like(t, num_classes))  # ignored rows: all negative, masked below
+        y = F.one_hot(positive, num_classes + 1)[..., :num_classes].to(acc)
+    else:
+        y = targets.to(acc)
+
+    p = torch.sigmoid(x)
+    # = F.binary_cross_entropy_with_logits(x, y), whose formula (1 - y) x - log_sigmoid(x) cancels for
+    # y = 0 and x << 0 (ce = log1p(e^x) is then lost below eps |x|): as a sum of two softplus terms,
+    # each computed as max(z, 0) + log1p(exp(-|z|)) by logaddexp, the loss keeps its relative digits
+    # in both tails (and autograd's derivative is sigmoid, 1/2 at 0).
+    zero = torch.zeros_like(x)
+    ce = (1 - y) * torch.logaddexp(x, zero) + y * torch.logaddexp(-x, zero)
+    loss = ce
+    if gamma != 0:
+        one_minus_p_t = p * (1 - y) + torch.sigmoid(-x) * y  # = 1 - p_t, without cancellation in either tail
+        loss = loss * one_minus_p_t**gamma
+    if alpha >= 0:
+        loss = loss * (alpha * y + (1 - alpha) * (1 - y))
+    if valid is not None:
+        loss = torch.where(valid.unsqueeze(-1), loss, torch.zeros_like(loss))
+
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        if normalizer is not None:
+            denominator = torch.as_tensor(normalizer).to(dtype=acc, device=x.device)
+        elif valid is not None:
+            denominator = (valid.sum() * num_classes).to(acc)
+        else:
+            denominator = torch.tensor(float(loss.numel()), dtype=acc, device=x.device)
+        if normalizer is None:
+            denominator = denominator.clamp(min=1)  # nothing counted: the sum is 0, and so is the mean
+        loss = loss.sum() / denominator
+    return loss.to(inputs.dtype)

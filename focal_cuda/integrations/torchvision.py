@@ -36,8 +36,9 @@ def retinanet_classification_loss(
     losses = []
     for targets_per_image, logits, matched in zip(targets, cls_logits, matched_idxs):
         foreground = matched >= 0
-        labels = targets_per_image["labels"][matched.clamp(min=0)]
-        index = torch.where(foreground, labels, torch.full_like(labels, num_classes))  # C = background
+        background = torch.full_like(matched, num_classes)  # C = background
+        labels = targets_per_image["labels"]
+        index = background if labels.numel() == 0 else torch.where(foreground, labels[matched.clamp(min=0)], background)
         index = torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index)
         normalizer = foreground.sum().clamp(min=1)  # max(1, num_foreground), on the device
         losses.append(
