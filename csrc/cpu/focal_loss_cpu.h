@@ -25,6 +25,13 @@ bool cpu_has_avx2();
 int64_t scan_class_targets(const void* target, int kind, int64_t count, int64_t valid_end, int64_t ignore_index,
                            const char* op, const char* what, const std::string& valid_range);
 
+// Writes a forward's reduced loss (the chunk partials added in order; "mean" divides
+// by `mean_denominator`, or gives 0 when it is <= 0 unless `denominator_as_given`)
+// and its state [forward scale, backward scale, consumed = 0].
+void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
+                    int64_t reduction, double mean_denominator, bool denominator_as_given, double forward_scale,
+                    double backward_scale);
+
 #define FOCAL_DECLARE_CPU_KERNELS(NS)                                                                              \
   namespace NS {                                                                                                   \
   /* partial[k] receives chunk k's loss sum, in order. */                                                         \

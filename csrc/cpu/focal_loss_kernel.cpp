@@ -56,6 +56,22 @@ int64_t scan_class_targets(const void* target, int kind, int64_t count, int64_t 
   return total;
 }
 
+void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
+                    int64_t reduction, double mean_denominator, bool denominator_as_given, double forward_scale,
+                    double backward_scale) {
+  if (reduction != kReductionNone) {
+    double total = 0;
+    for (const double v : partial) total += v;
+    if (reduction == kReductionMean) {
+      total = (denominator_as_given || mean_denominator > 0) ? total / mean_denominator : 0.0;
+    }
+    loss.fill_(total);
+  }
+  state[0] = forward_scale;
+  state[1] = backward_scale;
+  state[2] = 0;
+}
+
 namespace {
 
 // grad_output times the stored backward scale, shaped to broadcast against the gradient.

@@ -47,15 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(
   } else {
     baseline::sigmoid_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, forward_scale, partial);
   }
-  if (reduction != kReductionNone) {
-    double total = 0;
-    for (const double v : partial) total += v;
-    if (mean) total = (as_given || denominator > 0) ? total / denominator : 0.0;
-    out.loss.fill_(total);
-  }
-  out.state[0] = forward_scale;
-  out.state[1] = backward_scale;
-  out.state[2] = 0;
+  finish_forward(out.loss, out.state, partial, reduction, denominator, as_given, forward_scale, backward_scale);
   return {out.loss, out.grad, out.state};
 }
 
