@@ -61,13 +61,19 @@ def _extension():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     defines = [("FOCAL_CUDA_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+    link_flags = []
+    if torch.__config__.parallel_info().find("parallel backend: OpenMP") >= 0:
+        # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs on one
+        # thread. Linked by soname, the runtime is the libgomp torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         print("focal_cuda: building the CPU kernels only (no CUDA: set FORCE_CUDA=1 to build them anyway)")
         defines.append(("FOCAL_CUDA_BUILT_WITH_CUDA", "0"))
         return CppExtension(
             "focal_cuda._C", sources, include_dirs=include_dirs, define_macros=defines,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     arch_list = _cuda_arch_list()
     print(f"focal_cuda: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list} with {CUDA_HOME}")
@@ -89,6 +95,7 @@ def _extension():
     return CUDAExtension(
         "focal_cuda._C", sources, include_dirs=include_dirs, define_macros=defines,
         extra_compile_args={"cxx": cxx_flags + wheel_includes, "nvcc": nvcc_flags + wheel_includes},
+        extra_link_args=link_flags,
     )
 
 

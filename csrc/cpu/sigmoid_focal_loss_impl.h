@@ -48,7 +48,8 @@ template <typename scalar_t, typename target_t, typename acc_t>
 double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, scalar_t* grad, scalar_t* loss_out,
                           int64_t begin, int64_t end, const SigmoidParams<acc_t>& prm) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t VS = Vec::size();
+  using Pack = VecPack<Vec, 4>;
+  constexpr int64_t VS = Pack::size();
   static_assert(kSigmoidBlock % VS == 0, "block must be a multiple of the vector width");
   alignas(64) acc_t x[kSigmoidBlock], y[kSigmoidBlock], keep[kSigmoidBlock], loss[kSigmoidBlock], g[kSigmoidBlock];
   const int64_t C = prm.classes;
@@ -74,16 +75,17 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
       }
     }
     for (int64_t i = n; i < padded; ++i) x[i] = y[i] = keep[i] = acc_t(0);  // padding lanes: computed, dropped
-    Vec sum(acc_t(0));
+    Pack sum(acc_t(0));
+    const Pack zero(acc_t(0)), grad_scale(prm.grad_scale);
     for (int64_t v = 0; v < padded; v += VS) {
-      const auto terms = sigmoid_focal_terms<Vec, acc_t, VecMath<Vec>>(Vec::loadu(x + v), Vec::loadu(y + v), prm.gamma,
-                                                                      prm.alpha, prm.use_alpha);
+      const auto terms = sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(Pack::loadu(x + v), Pack::loadu(y + v),
+                                                                        prm.gamma, prm.alpha, prm.use_alpha);
       // Ignored elements and padding get exact zeros (0 * NaN would not be 0).
-      const auto kept = Vec::loadu(keep + v) > Vec(acc_t(0));
-      const Vec l = Vec::blendv(Vec(acc_t(0)), terms.loss, kept);
+      const Pack kept = Pack::loadu(keep + v) > zero;
+      const Pack l = Pack::blendv(zero, terms.loss, kept);
       sum = sum + l;
       l.store(loss + v);
-      Vec::blendv(Vec(acc_t(0)), terms.grad * Vec(prm.grad_scale), kept).store(g + v);
+      Pack::blendv(zero, terms.grad * grad_scale, kept).store(g + v);
     }
     alignas(64) acc_t lanes[VS];
     sum.store(lanes);
