@@ -1,0 +1,1 @@
+"""focal_cuda's bench suite: `python -m bench --help`."""
