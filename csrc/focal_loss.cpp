@@ -1,8 +1,106 @@
 #include "focal_loss.h"
 
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
 #include <vector>
 
 namespace focal_cuda {
+
+namespace {
+
+// Freed gradient buffers kept for reuse: the two most recent (a training loop has
+// one or two loss shapes), so that idle memory stays bounded by two gradients.
+class GradientBufferPool {
+ public:
+  static GradientBufferPool& instance() {
+    static GradientBufferPool* pool = new GradientBufferPool();  // never destroyed: deleters may run at exit
+    return *pool;
+  }
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].bytes == bytes) {
+          void* p = free_[i].ptr;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          return p;
+        }
+      }
+    }
+    return c10::alloc_cpu(bytes);
+  }
+
+  void give_back(void* p, size_t bytes) {
+    void* evicted = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_back({p, bytes});
+      if (free_.size() > kKept) {
+        evicted = free_.front().ptr;
+        free_.erase(free_.begin());
+      }
+    }
+    if (evicted != nullptr) c10::free_cpu(evicted);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  static constexpr size_t kKept = 2;
+  std::mutex mutex_;
+  std::vector<Block> free_;
+};
+
+struct PooledBlock {
+  void* ptr;
+  size_t bytes;
+};
+
+void return_pooled_block(void* context) {
+  auto* block = static_cast<PooledBlock*>(context);
+  GradientBufferPool::instance().give_back(block->ptr, block->bytes);
+  delete block;
+}
+
+bool pool_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FOCAL_CUDA_CPU_GRAD_POOL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// Small buffers are cheap to allocate: pooling is for those that are mapped fresh.
+constexpr size_t kPoolMinBytes = size_t(1) << 20;
+
+}  // namespace
+
+at::Tensor empty_gradient_like(const at::Tensor& like) {
+  if (!like.is_cpu() || !pool_enabled()) return at::empty_like(like, at::MemoryFormat::Preserve);
+  // The layout empty_like would give, computed without allocating.
+  const auto layout = at::empty_like(like, like.options().device(at::kMeta), at::MemoryFormat::Preserve);
+  const size_t bytes = static_cast<size_t>(layout.storage().nbytes());
+  if (bytes < kPoolMinBytes) return at::empty_like(like, at::MemoryFormat::Preserve);
+  void* p = GradientBufferPool::instance().take(bytes);
+  auto* block = new PooledBlock{p, bytes};
+  at::DataPtr data(p, block, &return_pooled_block, at::Device(at::kCPU));
+  at::Storage storage(at::Storage::use_byte_size_t(), bytes, std::move(data), /*allocator=*/nullptr,
+                      /*resizable=*/false);
+  auto grad = at::empty({0}, like.options()).set_(storage, 0, layout.sizes(), layout.strides());
+  // Torch's deterministic mode fills new memory with NaN so that unwritten elements show; do the same.
+  if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory()) {
+    grad.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return grad;
+}
 
 at::ScalarType accumulation_type(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -26,6 +26,13 @@ enum class GradOutputLayout {
 GradOutputLayout check_focal_loss_backward(const at::Tensor& grad_input, const at::Tensor& state,
                                            const at::Tensor& grad_output);
 
+// A new tensor with `like`'s sizes, dtype, device and (dense) strides, for a forward's
+// gradient. On the CPU it comes from a small pool of recently freed gradient buffers:
+// a fresh allocation of that size is mapped page by page and zeroed by the kernel on
+// first touch, an extra pass over memory that costs about as much as the gradient
+// write itself. FOCAL_CUDA_CPU_GRAD_POOL=0 turns the pool off.
+at::Tensor empty_gradient_like(const at::Tensor& like);
+
 constexpr const char* kGradientConsumedMessage =
     "focal_cuda: this forward's gradient was already consumed by a backward; a second backward through the same "
     "graph (retain_graph=True) is not supported: run the forward again";

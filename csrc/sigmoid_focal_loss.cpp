@@ -82,7 +82,7 @@ SigmoidFocalForwardOutputs allocate_sigmoid_focal_loss_outputs(const SigmoidFoca
   const auto& input = plan.input;
   SigmoidFocalForwardOutputs out;
   out.loss = plan.reduction == kReductionNone ? at::empty_like(input) : at::empty({}, input.options());
-  out.grad = plan.compute_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  out.grad = plan.compute_grad ? empty_gradient_like(input) : at::empty({0}, input.options());
   out.state = at::empty({3}, input.options().dtype(accumulation_type(input.scalar_type())));
   return out;
 }

@@ -95,7 +95,7 @@ SoftmaxFocalForwardOutputs allocate_softmax_focal_loss_outputs(SoftmaxFocalForwa
   if (plan.compute_grad) {
     // Same layout as the logits (dense strides are preserved), so the gradient pass
     // writes in the order it reads.
-    out.grad = at::empty_like(input, at::MemoryFormat::Preserve);
+    out.grad = empty_gradient_like(input);
     auto strides = collapse_to_ncs_strides(out.grad);
     TORCH_INTERNAL_ASSERT(strides.has_value());
     auto& g = plan.geometry;

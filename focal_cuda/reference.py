@@ -212,7 +212,8 @@ def sigmoid_focal_loss(
         loss = loss.sum()
     elif reduction == "mean":
         if normalizer is not None:
-            denominator = torch.as_tensor(normalizer).to(dtype=acc, device=x.device)
+            as_float64 = None if isinstance(normalizer, torch.Tensor) else torch.float64  # a Python float exactly
+            denominator = torch.as_tensor(normalizer, dtype=as_float64).to(dtype=acc, device=x.device)
         elif valid is not None:
             denominator = (valid.sum() * num_classes).to(acc)
         else:

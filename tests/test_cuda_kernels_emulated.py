@@ -11,22 +11,18 @@ with an explicit grid (small grids exercise the grid-stride loops and the last-b
 and a block order (the result must not depend on which block finishes last).
 
 Every output buffer starts as NaN inside a NaN guard region: an element the kernel does not write,
-or a write out of bounds, fails. Built with g++ once per session; skipped without g++ or without
-the CUDA headers (cuda_fp16.h, cuda_bf16.h). Numerics: the host's expf/logf/powf stand in for
-CUDA's, so this checks the kernels' logic and reductions, not the last ulp of the GPU build.
+or a write out of bounds, fails. Built with g++ once per session (tests/cuda_emulation/emulation_build.py);
+skipped without g++ or without the CUDA headers (cuda_fp16.h, cuda_bf16.h). Numerics: the host's
+expf/logf/powf stand in for CUDA's, so this checks the kernels' logic and reductions, not the last ulp
+of the GPU build.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
 import math
-import os
-import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -35,14 +31,9 @@ from conftest import assert_close_scaled, closed_form_grad, conditioning_floor
 
 from focal_cuda import reference
 
-ROOT = Path(__file__).resolve().parents[1]
-EMULATION_DIR = ROOT / "tests" / "cuda_emulation"
-# The device code under test; another checkout's csrc (e.g. a deliberately broken copy) can be named here.
-CSRC = Path(os.environ.get("FOCAL_CUDA_EMULATION_CSRC", ROOT / "csrc"))
+# The build (once per session, shared with tests/test_sigmoid_kernels_emulated.py) and the guarded buffers.
+from cuda_emulation.emulation_build import DTYPE_CODE, REDUCTION_CODE, TARGET_KIND, Guarded, bits, load_library
 
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-TARGET_KIND = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
-REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_ID = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 TARGET_ID = {torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
@@ -76,29 +67,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ============================================================================ build
-
-
-def _cuda_include() -> Optional[Path]:
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parents[1] / "include")
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*/include"), reverse=True)]
-    needed = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h")
-    return next((c for c in candidates if all((c / h).is_file() for h in needed)), None)
+# ============================================================================ the emulated kernels
 
 
 class Emulator:
     """ctypes front end of emulated_kernels.cpp."""
 
-    def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
+    def __init__(self, lib: ctypes.CDLL):
         ll, ull, i, d, p = ctypes.c_longlong, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
-        lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_softmax_focal_loss_forward.argtypes = [i, i, i, ll, ll, ull, p, p, p, p, p, i, i, i, ll, d, d, p, i, p]
         lib.emu_count_valid_targets.argtypes = [i, ll, ull, p, i, ll, ll, ll, p]
         lib.emu_softmax_focal_loss_backward.argtypes = [i, i, ll, ull, p, p, p, p, i, p]
@@ -138,41 +114,10 @@ class Emulator:
 
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory) -> Emulator:
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no g++ to build the CUDA emulation")
-    include = _cuda_include()
-    if include is None:
-        pytest.skip("CUDA headers (cuda_fp16.h, cuda_bf16.h) not found")
-    out = tmp_path_factory.mktemp("cuda_emulation") / "emulated_kernels.so"
-    cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", "-I", str(CSRC), "-I", str(EMULATION_DIR), "-I", str(include),
-           str(EMULATION_DIR / "emulated_kernels.cpp"), "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"building the emulation failed:\n{' '.join(cmd)}\n{result.stderr}"
-    return Emulator(out)
+    return Emulator(load_library(tmp_path_factory))
 
 
 # ============================================================================ buffers
-
-
-PAD = 64  # guard elements on each side (keeps 16-byte alignment for every dtype)
-
-
-class Guarded:
-    """A strided view inside a storage filled with ``fill``; ``untouched()``: nothing outside the view was written."""
-
-    def __init__(self, shape, strides, dtype, fill=float("nan")):
-        extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(n > 0 for n in shape) else 0
-        self.storage = torch.full((2 * PAD + extent,), fill, dtype=dtype)
-        self.view = self.storage.as_strided(tuple(shape), tuple(strides), PAD)
-        inside = torch.zeros(self.storage.shape, dtype=torch.bool)
-        inside.as_strided(tuple(shape), tuple(strides), PAD).fill_(True)
-        self.outside = ~inside
-        assert self.view.data_ptr() % 16 == 0
-
-    def untouched(self) -> bool:
-        return bool(torch.isnan(self.storage[self.outside].double()).all())
 
 
 def ncs_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -209,11 +154,6 @@ def layout_strides(shape: tuple, layout: str) -> tuple:
         assert not spatial
         return (1, n)
     raise ValueError(layout)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.detach().contiguous().view(integer)
 
 
 def make_input(shape, layout, dtype, gen, scale=1.0) -> Guarded:

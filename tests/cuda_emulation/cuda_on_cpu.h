@@ -1,5 +1,6 @@
 // A minimal CPU implementation of the CUDA programming model, enough to run the
-// kernels of csrc/cuda/softmax_focal_loss_kernels.cuh with a host compiler:
+// kernels of csrc/cuda/softmax_focal_loss_kernels.cuh and
+// csrc/cuda/sigmoid_focal_loss_kernels.cuh with a host compiler:
 //
 //   #include "cuda_on_cpu.h"
 //   #include "cuda/softmax_focal_loss_kernels.cuh"
@@ -258,11 +259,12 @@ inline double __longlong_as_double(long long x) {
 
 namespace cuda_on_cpu {
 
-enum ShuffleMode : int { kShuffleDown = 1, kShuffleXor = 2 };
+enum ShuffleMode : int { kShuffleDown = 1, kShuffleXor = 2, kShuffleIdx = 3 };
 
 // shfl.sync as PTX defines it, with c = ((32 - width) << 8) | 31 as CUDA's
 // __shfl_*_sync pass it: the source lane must lie at or below the last lane of
-// the caller's width-segment, else the caller gets its own value.
+// the caller's width-segment, else the caller gets its own value. The idx mode
+// (__shfl_sync) reads lane srcLane % width of the caller's segment.
 template <typename T>
 T shuffle(unsigned mask, T value, int mode, int param, int width) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "unsupported shuffle type");
@@ -284,7 +286,10 @@ T shuffle(unsigned mask, T value, int mode, int param, int width) {
   warp.barrier.arrive_and_wait();  // every lane has written its slot
   const unsigned segment_bits = 32u - static_cast<unsigned>(width);
   const unsigned max_lane = (lane & segment_bits) | (31u & ~segment_bits);
-  unsigned source = mode == kShuffleDown ? lane + static_cast<unsigned>(param) : lane ^ static_cast<unsigned>(param);
+  const unsigned min_lane = lane & segment_bits;
+  unsigned source = mode == kShuffleDown  ? lane + static_cast<unsigned>(param)
+                    : mode == kShuffleXor ? lane ^ static_cast<unsigned>(param)
+                                          : min_lane | (static_cast<unsigned>(param) & 31u & ~segment_bits);
   if (source > max_lane) source = lane;
   const Warp::Slot& theirs = slots[source];
   const Warp::Slot& first = slots[0];  // every lane equal to lane 0: all lanes are at the same shuffle
@@ -303,6 +308,10 @@ T shuffle(unsigned mask, T value, int mode, int param, int width) {
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = warpSize) {
   return cuda_on_cpu::shuffle(mask, value, cuda_on_cpu::kShuffleXor, lane_mask, width);
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int src_lane, int width = warpSize) {
+  return cuda_on_cpu::shuffle(mask, value, cuda_on_cpu::kShuffleIdx, src_lane, width);
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned int delta, int width = warpSize) {

@@ -1,6 +1,8 @@
-// The CUDA kernels of csrc/cuda/softmax_focal_loss_kernels.cuh run on the CPU
-// through cuda_on_cpu.h, behind an extern "C" interface for ctypes
-// (tests/test_cuda_kernels_emulated.py builds and loads this file).
+// The CUDA kernels of csrc/cuda/softmax_focal_loss_kernels.cuh and
+// csrc/cuda/sigmoid_focal_loss_kernels.cuh run on the CPU through cuda_on_cpu.h,
+// behind an extern "C" interface for ctypes (tests/test_cuda_kernels_emulated.py
+// and tests/test_sigmoid_kernels_emulated.py build and load this file, see
+// tests/cuda_emulation/emulation_build.py).
 //
 // Every entry point takes raw pointers, the (N, C, S) geometry as 9 int64
 // [rows, classes, spatial, input_stride_n, _c, _s, grad_stride_n, _c, _s], an
@@ -9,9 +11,12 @@
 // The workspace mirrors softmax_focal_loss_kernel.cu: per-block partial losses
 // (padded to 16 bytes), per-block partial counts, then two zeroed tickets
 // (forward, counting); the partials start as 0xff bytes (NaN, -1) so that a
-// kernel reading a partial nobody wrote is caught.
+// kernel reading a partial nobody wrote is caught. The sigmoid entry points
+// (emu_sigmoid_*) take (rows, classes) instead, as sigmoid_focal_loss_kernel.cu
+// views its contiguous input.
 #include "cuda_on_cpu.h"
 // The device code under test.
+#include "cuda/sigmoid_focal_loss_kernels.cuh"
 #include "cuda/softmax_focal_loss_kernels.cuh"
 
 #include <cstdint>
@@ -196,6 +201,143 @@ void run_backward(int vec, long long grid, unsigned long long order, const void*
   }
 }
 
+// ----------------------------------------------------------------------------- sigmoid
+
+// Which sigmoid kernel: dense targets in the input's dtype, dense targets in the
+// accumulation dtype (float targets for half / bfloat16 input; for float and
+// double the same instantiation as kDenseSame), index targets with GROUP 8 or 32.
+enum SigmoidVariant : int { kDenseSame = 0, kDenseAcc = 1, kIndexGroup8 = 2, kIndexGroup32 = 3 };
+
+bool aligned_to(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+template <typename scalar_t>
+void run_sigmoid_forward(int variant, int vec, long long grid, long long count_grid, unsigned long long order,
+                         const void* input_ptr, const void* target, int target_kind, void* grad_ptr, void* loss_ptr,
+                         long long rows, long long classes, int reduction, int compute_grad, long long ignore_index,
+                         double gamma, double alpha, const void* normalizer, int has_host_normalizer,
+                         double host_normalizer, int fold_mean_into_forward, void* state) {
+  using acc_t = typename fd::AccumulateType<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  require(grid >= 1, "grid must be >= 1");
+  require(vec == 0 || vec == 1, "vec must be 0 (scalar accesses) or 1 (16-byte accesses)");
+  require(normalizer == nullptr || !has_host_normalizer, "a normalizer is either on the device or on the host");
+  const bool index_targets = variant == kIndexGroup8 || variant == kIndexGroup32;
+  const auto* input = static_cast<const scalar_t*>(input_ptr);
+  auto* grad = compute_grad ? static_cast<scalar_t*>(grad_ptr) : nullptr;
+  auto* loss = static_cast<scalar_t*>(loss_ptr);
+  const long long numel = rows * classes;
+
+  // As sigmoid_focal_loss_forward_cuda fills the arguments.
+  fd::SigmoidForwardArgs<acc_t> args{};
+  args.reduction = reduction;
+  args.compute_grad = compute_grad != 0;
+  args.gamma = static_cast<acc_t>(gamma);
+  args.alpha = static_cast<acc_t>(alpha);
+  args.use_alpha = alpha >= 0.0;
+  args.target = index_targets ? target : nullptr;
+  args.target_kind = target_kind;
+  args.ignore_index = ignore_index;
+  args.normalizer = static_cast<const acc_t*>(normalizer);
+  args.count_rows = index_targets && normalizer == nullptr && !has_host_normalizer;
+  args.host_denominator_as_given = has_host_normalizer != 0;
+  args.host_denominator = static_cast<acc_t>(has_host_normalizer ? host_normalizer : static_cast<double>(numel));
+  args.fold_mean_into_forward = fold_mean_into_forward != 0;
+  args.state = static_cast<acc_t*>(state);
+  const bool counting = index_targets && args.fold_mean_into_forward && args.count_rows;
+  Workspace<acc_t> ws(std::max(grid, counting ? count_grid : 1LL));
+  args.partial_loss = ws.partial_loss();
+  args.partial_count = ws.partial_count();
+  args.ticket = ws.tickets();
+  if (counting) {
+    // Rows with a target in [0, C] count; state[0] = 1 / (rows x C).
+    require(count_grid >= 1, "count_grid must be >= 1");
+    emu::launch_in_order(emu::block_order(static_cast<unsigned>(count_grid), order),
+                         &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(count_grid)),
+                         dim3(kBlock), target, target_kind, rows, classes + 1, ignore_index, classes,
+                         args.partial_count, ws.tickets() + 1, args.state);
+  }
+
+  // The launcher's `vectorizable` conditions; an entry point asked for VEC checks them.
+  const bool outputs_aligned =
+      aligned_16(input) && (!compute_grad || aligned_16(grad)) && (reduction != focal_cuda::kReductionNone || aligned_16(loss));
+  const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
+  const dim3 grid_dim(static_cast<unsigned>(grid));
+  auto dense = [&](auto target_tag) {
+    using target_t = decltype(target_tag);
+    const auto* t = static_cast<const target_t*>(target);
+    if (vec) {
+      require(outputs_aligned && aligned_to(t, kVec * sizeof(target_t)),
+              "the dense VEC variant needs 16-byte aligned logits, outputs and VEC-aligned targets");
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kBlock, kVec>, grid_dim,
+                           dim3(kBlock), input, t, grad, loss, numel, args);
+    } else {
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kBlock, 1>, grid_dim,
+                           dim3(kBlock), input, t, grad, loss, numel, args);
+    }
+  };
+  auto index = [&](auto group_tag) {
+    constexpr int kGroup = decltype(group_tag)::value;
+    if (vec) {
+      require(classes % kVec == 0 && outputs_aligned,
+              "the index VEC variant needs C % VEC == 0 and 16-byte aligned logits and outputs");
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, kBlock, kGroup, kVec>, grid_dim,
+                           dim3(kBlock), input, grad, loss, rows, classes, args);
+    } else {
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, kBlock, kGroup, 1>, grid_dim,
+                           dim3(kBlock), input, grad, loss, rows, classes, args);
+    }
+  };
+  switch (variant) {
+    case kDenseSame:
+      dense(scalar_t{});
+      break;
+    case kDenseAcc:
+      dense(acc_t{});
+      break;
+    case kIndexGroup8:
+      index(std::integral_constant<int, 8>{});
+      break;
+    case kIndexGroup32:
+      index(std::integral_constant<int, 32>{});
+      break;
+    default:
+      throw emu::EmulationError("unknown sigmoid variant");
+  }
+}
+
+// focal_loss_backward_kernel as focal_loss_kernel.cu launches it for the scalar and
+// elementwise layouts: the storage walked as (numel, 1, 1).
+template <typename scalar_t>
+void run_flat_backward(int vec, long long grid, unsigned long long order, const void* grad, void* out,
+                       long long numel, const void* grad_output, int layout, const void* state) {
+  using acc_t = typename fd::AccumulateType<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  require(grid >= 1, "grid must be >= 1");
+  require(layout == fd::kGradOutputScalar || layout == fd::kGradOutputElementwise,
+          "the flat backward is for the scalar and elementwise layouts");
+  fd::Geometry g{};
+  g.rows = numel;
+  g.classes = 1;
+  g.spatial = 1;
+  const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
+  const auto* in_ptr = static_cast<const scalar_t*>(grad);
+  auto* out_ptr = static_cast<scalar_t*>(out);
+  const auto* go_ptr = static_cast<const scalar_t*>(grad_output);
+  const auto* state_ptr = static_cast<const acc_t*>(state);
+  if (vec) {
+    require(numel % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr) &&
+                (layout == fd::kGradOutputScalar || aligned_16(go_ptr)),
+            "the VEC backward needs numel % VEC == 0 and aligned buffers");
+    emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr, layout,
+                         state_ptr);
+  } else {
+    emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, 1>,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr, layout,
+                         state_ptr);
+  }
+}
+
 template <typename F>
 void dispatch(int dtype, F&& f) {
   switch (dtype) {
@@ -218,8 +360,9 @@ void dispatch(int dtype, F&& f) {
 __global__ void shuffle_probe_kernel(int mode, int param, int width, long long* out) {
   const long long value = 1000LL * blockIdx.x + threadIdx.x;
   out[blockIdx.x * blockDim.x + threadIdx.x] =
-      mode == emu::kShuffleXor ? __shfl_xor_sync(0xffffffffu, value, param, width)
-                               : __shfl_down_sync(0xffffffffu, value, static_cast<unsigned>(param), width);
+      mode == emu::kShuffleXor   ? __shfl_xor_sync(0xffffffffu, value, param, width)
+      : mode == emu::kShuffleIdx ? __shfl_sync(0xffffffffu, value, param, width)
+                                 : __shfl_down_sync(0xffffffffu, value, static_cast<unsigned>(param), width);
 }
 
 // Shared memory is shared by the block and written before it is read.
@@ -307,6 +450,67 @@ int emu_softmax_focal_loss_backward(int dtype, int vec, long long grid, unsigned
   return guarded([&] {
     dispatch(dtype, [&](auto tag) {
       run_backward<decltype(tag)>(vec, grid, order, grad, out, geometry, grad_output, scalar_grad_output, state);
+    });
+  });
+}
+
+// The sigmoid forward op as sigmoid_focal_loss_forward_cuda runs it on a contiguous
+// (rows, classes) input. variant: 0 dense targets of the input's dtype, 1 dense
+// targets of the accumulation dtype, 2 / 3 index targets with GROUP 8 / 32. With
+// index targets, fold_mean_into_forward and no normalizer, count_valid_targets_kernel
+// runs first on `count_grid` blocks (classes + 1 classes, items_per_target = classes).
+// Normalizer: `normalizer` a device value (accumulation dtype) or, with
+// has_host_normalizer, host_normalizer "as given"; neither: the default denominators.
+// state is in the accumulation dtype.
+int emu_sigmoid_focal_loss_forward(int dtype, int variant, int vec, long long grid, long long count_grid,
+                                   unsigned long long order, const void* input, const void* target, int target_kind,
+                                   void* grad, void* loss, long long rows, long long classes, int reduction,
+                                   int compute_grad, long long ignore_index, double gamma, double alpha,
+                                   const void* normalizer, int has_host_normalizer, double host_normalizer,
+                                   int fold_mean_into_forward, void* state) {
+  return guarded([&] {
+    dispatch(dtype, [&](auto tag) {
+      run_sigmoid_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, target, target_kind, grad,
+                                         loss, rows, classes, reduction, compute_grad, ignore_index, gamma, alpha,
+                                         normalizer, has_host_normalizer, host_normalizer, fold_mean_into_forward,
+                                         state);
+    });
+  });
+}
+
+// count_valid_targets_kernel with an items_per_target, with a fresh workspace:
+// state[0] = 1 / (count * items_per_target), 0 if none.
+int emu_count_valid_targets_items(int acc_dtype, long long grid, unsigned long long order, const void* target,
+                                  int target_kind, long long positions, long long classes, long long ignore_index,
+                                  long long items_per_target, void* state) {
+  return guarded([&] {
+    auto body = [&](auto tag) {
+      using acc_t = decltype(tag);
+      require(grid >= 1, "grid must be >= 1");
+      Workspace<acc_t> ws(grid);
+      emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
+                           &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(grid)),
+                           dim3(kBlock), target, target_kind, positions, classes, ignore_index, items_per_target,
+                           ws.partial_count(), ws.tickets() + 1, static_cast<acc_t*>(state));
+    };
+    if (acc_dtype == kFloat64) {
+      body(double{});
+    } else {
+      require(acc_dtype == kFloat32, "the accumulation dtype is float32 or float64");
+      body(float{});
+    }
+  });
+}
+
+// focal_loss_backward_kernel over a flat (numel, 1, 1) geometry, layout 0 (scalar
+// grad_output) or 1 (elementwise: grad_output with the gradient's storage);
+// `out` may be `grad` (in place). vec: the 16-byte variant.
+int emu_focal_loss_backward_flat(int dtype, int vec, long long grid, unsigned long long order, const void* grad,
+                                 void* out, long long numel, const void* grad_output, int layout,
+                                 const void* state) {
+  return guarded([&] {
+    dispatch(dtype, [&](auto tag) {
+      run_flat_backward<decltype(tag)>(vec, grid, order, grad, out, numel, grad_output, layout, state);
     });
   });
 }
