@@ -63,15 +63,14 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
       std::fill(keep, keep + n, acc_t(1));
     } else {
       // One target read per row: y is 1 at the row's class (none for background).
-      int64_t row = b / C, c = b - row * C;
-      int64_t t = load_target(prm.index_target, row, prm.target_kind);
-      for (int64_t i = 0; i < n; ++i, ++c) {
-        if (c == C) {
-          c = 0;
-          t = load_target(prm.index_target, ++row, prm.target_kind);
-        }
-        y[i] = c == t ? acc_t(1) : acc_t(0);
-        keep[i] = t == prm.ignore_index ? acc_t(0) : acc_t(1);
+      std::fill(y, y + n, acc_t(0));
+      for (int64_t row = b / C, i = 0; i < n; ++row) {
+        const int64_t first = row * C - b;  // the row's class 0, relative to the block (may be < 0)
+        const int64_t end = std::min(n, first + C);
+        const int64_t t = load_target(prm.index_target, row, prm.target_kind);
+        std::fill(keep + i, keep + end, t == prm.ignore_index ? acc_t(0) : acc_t(1));
+        if (t >= 0 && first + t >= i && first + t < end) y[first + t] = acc_t(1);
+        i = end;
       }
     }
     for (int64_t i = n; i < padded; ++i) x[i] = y[i] = keep[i] = acc_t(0);  // padding lanes: computed, dropped
