@@ -60,7 +60,9 @@ def peak_step_mib_fresh_process(workload: str, provider: str, dtype: torch.dtype
            "--dtype", str(dtype).removeprefix("torch."), "--shape", *map(str, shape)]
     # A fixed mmap threshold: every allocation above 128 KiB gets fresh pages and returns them when freed, so
     # the resident set follows what is live (glibc would otherwise recycle the warm-up step's buffers).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    # focal_cuda's CPU gradient pool would keep the warm-up step's buffer mapped, so that the measured step
+    # adds nothing: without it the step's gradient buffer is counted, which is what the step needs.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", FOCAL_CUDA_CPU_GRAD_POOL="0")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo_root(), env=env)
     if out.returncode != 0:
         print(f"memory measurement failed for {workload}/{provider}: {out.stderr.strip()[-500:]}", file=sys.stderr)

@@ -2,7 +2,7 @@
 # Makes the environment and builds focal_cuda into it, from a bare clone:
 #   .venv with torch 2.14.1 (CUDA 13.0 build) and the test tools, then the
 #   extension, CUDA kernels included whenever a CUDA toolkit is found (no GPU needed).
-# Sourced by scripts/test.sh and scripts/demo.sh; safe to run again (skips what is done).
+# Sourced by scripts/test.sh and scripts/bench.sh; safe to run again (skips what is done).
 #
 # Environment: FOCAL_CUDA_VENV (default .venv), PYTHON (default python3),
 # CUDA_HOME (default: found), FOCAL_CUDA_CPU_ONLY=1 (skip the CUDA kernels),

@@ -47,13 +47,13 @@ inline acc_t class_alpha(const FocalParams<acc_t>& prm, int64_t t) {
 // One position at a time, classes along the vector lanes: for class-contiguous
 // rows ((N, C) row-major, channels_last) and for very large C.
 template <typename scalar_t, typename acc_t>
-acc_t softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
+double softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
                          int64_t begin, int64_t end, const FocalParams<acc_t>& prm, std::vector<acc_t>& buf) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t C = g.classes;
   buf.resize(C);
   acc_t* x = buf.data();
-  acc_t loss_sum = 0;
+  double loss_sum = 0;  // thousands of positions per chunk: summed in double, as the chunks are
   for (int64_t p = begin; p < end; ++p) {
     const int64_t n = p / g.spatial, s = p % g.spatial;
     const scalar_t* in_row = input + n * g.input_stride_n + s * g.input_stride_s;
@@ -93,7 +93,7 @@ acc_t softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_o
 // kTileWidth positions side by side, positions along the vector lanes: for
 // channel-first layouts, where consecutive positions are adjacent in memory.
 template <typename scalar_t, typename acc_t>
-acc_t softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
+double softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
                           int64_t begin, int64_t end, const FocalParams<acc_t>& prm, std::vector<acc_t>& buf) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = kTileWidth;
@@ -102,7 +102,7 @@ acc_t softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_
   const int64_t C = g.classes;
   buf.resize(C * W);
   acc_t* x = buf.data();
-  acc_t loss_sum = 0;
+  double loss_sum = 0;  // thousands of positions per chunk: summed in double, as the chunks are
   int64_t in_off[W], grad_off[W], target[W];
   alignas(64) acc_t row_max[W], sum_exp[W], scale[W], logit_t[W], alpha[W], loss[W], target_grad[W];
   for (int64_t p0 = begin; p0 < end; p0 += W) {

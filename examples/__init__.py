@@ -1,0 +1,1 @@
+"""Training examples: segmentation (LR-ASPP MobileNetV3) and detection (RetinaNet) with focal_cuda."""
