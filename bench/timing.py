@@ -39,17 +39,27 @@ class _Clock:
         return (time.perf_counter() - begin) * 1e3
 
 
-def time_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              mode: str, device: torch.device, warmup: int, reps: int) -> list[float]:
-    """fn(logits, targets) -> loss. forward: the loss of a training step (logits require grad: focal_cuda
-    computes its gradient here); backward: loss.backward() alone; full: both. `inputs` rotate, so that on a
-    GPU the L2 cache does not hold the previous repetition's data."""
+def _repeat(run_once: Callable, inputs, device: torch.device, warmup: int, reps: int) -> list[float]:
+    """run_once(x, t, clock) -> ms, over the rotating inputs; the warm-up runs are dropped."""
     clock = _Clock(device)
     samples = []
     for i in range(warmup + reps):
         x, t = inputs[i % len(inputs)]
         if device.type == "cuda":
             torch.cuda.synchronize()
+        elapsed = run_once(x, t, clock)
+        if i >= warmup:
+            samples.append(elapsed)
+    return samples
+
+
+def time_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              mode: str, device: torch.device, warmup: int, reps: int) -> list[float]:
+    """fn(logits, targets) -> loss. forward: the loss of a training step (logits require grad: focal_cuda
+    computes its gradient here); backward: loss.backward() alone; full: both. `inputs` rotate, so that on a
+    GPU the L2 cache does not hold the previous repetition's data."""
+
+    def run_once(x, t, clock) -> float:
         leaf = x.detach().requires_grad_()
         if mode == "backward":
             loss = fn(leaf, t)
@@ -57,31 +67,24 @@ def time_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: 
                 torch.cuda.synchronize()
             begin = clock.start()
             loss.backward()
-            elapsed = clock.stop(begin)
-        else:
-            begin = clock.start()
-            loss = fn(leaf, t)
-            if mode == "full":
-                loss.backward()
-            elapsed = clock.stop(begin)
-        del loss, leaf
-        if i >= warmup:
-            samples.append(elapsed)
-    return samples
+            return clock.stop(begin)
+        begin = clock.start()
+        loss = fn(leaf, t)
+        if mode == "full":
+            loss.backward()
+        return clock.stop(begin)
+
+    return _repeat(run_once, inputs, device, warmup, reps)
 
 
 def time_copy_floor(inputs, device: torch.device, warmup: int, reps: int) -> list[float]:
     """The memory floor: a plain copy of the logits into a new tensor."""
-    clock = _Clock(device)
-    samples = []
-    for i in range(warmup + reps):
-        x, _ = inputs[i % len(inputs)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+    def run_once(x, _t, clock) -> float:
         begin = clock.start()
-        y = torch.empty_like(x).copy_(x)
+        copy = torch.empty_like(x).copy_(x)
         elapsed = clock.stop(begin)
-        del y
-        if i >= warmup:
-            samples.append(elapsed)
-    return samples
+        del copy  # freed outside the timed region
+        return elapsed
+
+    return _repeat(run_once, inputs, device, warmup, reps)

@@ -1,5 +1,7 @@
 #include "sigmoid_focal_loss.h"
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -13,10 +15,8 @@ const char* reduction_name(int64_t reduction) {
 }  // namespace
 
 SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input, const at::Tensor& target,
-                                                        double alpha, double gamma, int64_t ignore_index,
-                                                        int64_t reduction, const std::optional<at::Tensor>& normalizer,
+                                                        double alpha, double gamma, int64_t reduction, const std::optional<at::Tensor>& normalizer,
                                                         bool compute_grad) {
-  (void)ignore_index;
   const auto dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "sigmoid_focal_loss: inputs must be float16, bfloat16, float32 or float64 logits, got inputs.dtype=",
@@ -69,8 +69,7 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
   }
   plan.input = input.contiguous();
   plan.classes = input.dim() >= 1 ? input.size(-1) : 1;  // a 0-dim dense input is one element
-  plan.rows = plan.classes > 0 ? input.numel() / plan.classes : 1;
-  for (int64_t d = 0; d + 1 < input.dim() && plan.classes == 0; ++d) plan.rows *= input.size(d);
+  plan.rows = c10::multiply_integers(index_shape);
   plan.reduction = reduction;
   plan.compute_grad = compute_grad;
   plan.use_alpha = alpha >= 0.0;

@@ -33,8 +33,7 @@ struct SigmoidFocalForwardPlan {
 };
 
 SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input, const at::Tensor& target,
-                                                        double alpha, double gamma, int64_t ignore_index,
-                                                        int64_t reduction, const std::optional<at::Tensor>& normalizer,
+                                                        double alpha, double gamma, int64_t reduction, const std::optional<at::Tensor>& normalizer,
                                                         bool compute_grad);
 
 // loss: the input's shape for "none", else 0-dim; grad: contiguous, input-shaped (empty

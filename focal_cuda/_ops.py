@@ -107,8 +107,9 @@ class _Autograd:
         return grad_input, *nones
 
 
-for _name, _num_args in (("softmax_focal_loss", 9), ("sigmoid_focal_loss", 9)):
-    _formula = _Autograd(_name, _num_args)
+for _name in ("softmax_focal_loss", "sigmoid_focal_loss"):
+    _schema = getattr(torch.ops.focal_cuda, f"{_name}_forward").default._schema
+    _formula = _Autograd(_name, len(_schema.arguments))
     torch.library.register_autograd(
         f"{_LIB}::{_name}_forward", _formula.backward, setup_context=_formula.setup_context
     )

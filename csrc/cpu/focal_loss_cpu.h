@@ -25,12 +25,27 @@ bool cpu_has_avx2();
 int64_t scan_class_targets(const void* target, int kind, int64_t count, int64_t valid_end, int64_t ignore_index,
                            const char* op, const char* what, const std::string& valid_range);
 
-// Writes a forward's reduced loss (the chunk partials added in order; "mean" divides
-// by `mean_denominator`, or gives 0 when it is <= 0 unless `denominator_as_given`)
-// and its state [forward scale, backward scale, consumed = 0].
+// The denominator of "mean": a count, where 0 gives a zero loss and gradient, or a
+// user's normalizer, used as given.
+struct MeanDenominator {
+  double value;
+  bool as_given;
+  double inverse() const { return (as_given || value > 0) ? 1.0 / value : 0.0; }
+  double divide(double total) const { return (as_given || value > 0) ? total / value : 0.0; }
+};
+
+// Where 1/denominator goes: into the forward's gradient (folded), or into the scale
+// the backward applies with grad_output.
+struct GradientScales {
+  double forward = 1.0;
+  double backward = 1.0;
+};
+GradientScales gradient_scales(int64_t reduction, const MeanDenominator& denominator, bool fold_mean_into_forward);
+
+// Writes a forward's reduced loss (the chunk partials added in order) and its state
+// [forward scale, backward scale, consumed = 0].
 void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
-                    int64_t reduction, double mean_denominator, bool denominator_as_given, double forward_scale,
-                    double backward_scale);
+                    int64_t reduction, const MeanDenominator& denominator, const GradientScales& scales);
 
 #define FOCAL_DECLARE_CPU_KERNELS(NS)                                                                              \
   namespace NS {                                                                                                   \

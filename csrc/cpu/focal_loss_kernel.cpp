@@ -56,19 +56,22 @@ int64_t scan_class_targets(const void* target, int kind, int64_t count, int64_t 
   return total;
 }
 
+GradientScales gradient_scales(int64_t reduction, const MeanDenominator& denominator, bool fold_mean_into_forward) {
+  GradientScales scales;
+  if (reduction != kReductionMean) return scales;
+  (fold_mean_into_forward ? scales.forward : scales.backward) = denominator.inverse();
+  return scales;
+}
+
 void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
-                    int64_t reduction, double mean_denominator, bool denominator_as_given, double forward_scale,
-                    double backward_scale) {
+                    int64_t reduction, const MeanDenominator& denominator, const GradientScales& scales) {
   if (reduction != kReductionNone) {
     double total = 0;
     for (const double v : partial) total += v;
-    if (reduction == kReductionMean) {
-      total = (denominator_as_given || mean_denominator > 0) ? total / mean_denominator : 0.0;
-    }
-    loss.fill_(total);
+    loss.fill_(reduction == kReductionMean ? denominator.divide(total) : total);
   }
-  state[0] = forward_scale;
-  state[1] = backward_scale;
+  state[0] = scales.forward;
+  state[1] = scales.backward;
   state[2] = 0;
 }
 

@@ -34,19 +34,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cpu(
                                               compute_grad);
   const int64_t valid = scan_targets(plan, ignore_index);
   auto out = allocate_softmax_focal_loss_outputs(plan);
-  const bool mean = reduction == kReductionMean;
-  const double inv_valid = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
-  const double forward_scale = plan.fold_mean_into_forward ? inv_valid : 1.0;
-  const double backward_scale = (mean && !plan.fold_mean_into_forward) ? inv_valid : 1.0;
+  const MeanDenominator denominator{static_cast<double>(valid), false};
+  const GradientScales scales = gradient_scales(reduction, denominator, plan.fold_mean_into_forward);
 
   std::vector<double> partial;
   if (cpu_has_avx2()) {
-    avx2::softmax_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, forward_scale, partial);
+    avx2::softmax_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, scales.forward, partial);
   } else {
-    baseline::softmax_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, forward_scale, partial);
+    baseline::softmax_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, scales.forward, partial);
   }
-  finish_forward(out.loss, out.state, partial, reduction, static_cast<double>(valid), false, forward_scale,
-                 backward_scale);
+  finish_forward(out.loss, out.state, partial, reduction, denominator, scales);
   return {out.loss, out.grad, out.state};
 }
 

@@ -81,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cuda(
     int64_t reduction, const std::optional<at::Tensor>& normalizer, bool compute_grad, bool inplace_backward) {
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   const c10::cuda::CUDAGuard device_guard(input.device());
-  auto plan = plan_sigmoid_focal_loss_forward(input, target, alpha, gamma, ignore_index, reduction, normalizer,
-                                              compute_grad);
+  auto plan = plan_sigmoid_focal_loss_forward(input, target, alpha, gamma, reduction, normalizer, compute_grad);
   auto out = allocate_sigmoid_focal_loss_outputs(plan);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto acc_type = accumulation_type(plan.input.scalar_type());
