@@ -102,6 +102,38 @@ at::Tensor empty_gradient_like(const at::Tensor& like) {
   return grad;
 }
 
+GammaSchedulePlan plan_gamma_schedule(double gamma, at::ArrayRef<double> thresholds, at::ArrayRef<double> values,
+                                      const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0, op, ": gamma must be a finite number >= 0, got gamma=",
+                    gamma);
+  TORCH_CHECK_VALUE(thresholds.size() == values.size(), op, ": gamma_thresholds and gamma_values must have the same "
+                    "length (one gamma per threshold), got gamma_thresholds=", thresholds, " and gamma_values=",
+                    values);
+  TORCH_CHECK_VALUE(static_cast<int>(thresholds.size()) < kMaxGammaPieces, op, ": a gamma schedule has at most ",
+                    kMaxGammaPieces - 1, " thresholds, got gamma_thresholds=", thresholds);
+  for (size_t k = 0; k < thresholds.size(); ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(thresholds[k]) && thresholds[k] > 0.0 && thresholds[k] <= 1.0, op,
+                      ": gamma thresholds must lie in (0, 1], got gamma_thresholds=", thresholds);
+    TORCH_CHECK_VALUE(k == 0 || thresholds[k] > thresholds[k - 1], op,
+                      ": gamma thresholds must be strictly increasing, got gamma_thresholds=", thresholds);
+    TORCH_CHECK_VALUE(std::isfinite(values[k]) && values[k] >= 0.0, op,
+                      ": gamma values must be finite numbers >= 0, got gamma_values=", values);
+  }
+  GammaSchedulePlan plan;
+  plan.thresholds.assign(thresholds.begin(), thresholds.end());
+  plan.values.assign(values.begin(), values.end());
+  plan.gamma = gamma;
+  return plan;
+}
+
+at::ScalarType plan_loss_dtype(at::ScalarType input_dtype, std::optional<at::ScalarType> loss_dtype, const char* op) {
+  if (!loss_dtype.has_value() || *loss_dtype == input_dtype) return input_dtype;
+  const bool half_input = input_dtype == at::kHalf || input_dtype == at::kBFloat16;
+  TORCH_CHECK_VALUE(half_input && *loss_dtype == at::kFloat, op, ": loss_dtype must be None, the input's dtype (",
+                    input_dtype, ") or float32 for a float16 / bfloat16 input, got loss_dtype=", *loss_dtype);
+  return *loss_dtype;
+}
+
 at::ScalarType accumulation_type(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

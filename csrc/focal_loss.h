@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <vector>
+
 #include "focal_loss_math.h"
 
 namespace focal_cuda {
@@ -14,6 +17,24 @@ at::ScalarType accumulation_type(at::ScalarType input_dtype);
 
 // The kind of an integer class-index tensor, or a TypeError naming `what`.
 TargetKind target_kind_of(const at::Tensor& target, const char* op, const char* what);
+
+// Gamma as a piecewise-constant function of p_t (the schema's gamma_thresholds /
+// gamma_values / gamma). thresholds[k] pairs with values[k]: the first threshold above
+// p_t gives its value; `gamma` holds above every threshold. No thresholds: constant gamma.
+struct GammaSchedulePlan {
+  std::vector<double> thresholds;  // strictly increasing, in (0, 1]
+  std::vector<double> values;      // one per threshold, finite, >= 0
+  double gamma = 2.0;              // p_t >= every threshold
+  bool constant() const { return thresholds.empty(); }
+};
+
+// Validates the schedule (raising ValueError naming the argument and value) for `op`.
+GammaSchedulePlan plan_gamma_schedule(double gamma, at::ArrayRef<double> thresholds, at::ArrayRef<double> values,
+                                      const char* op);
+
+// The loss's dtype: the input's, or float32 for a float16 / bfloat16 input (autocast's
+// rule for losses); anything else raises naming loss_dtype.
+at::ScalarType plan_loss_dtype(at::ScalarType input_dtype, std::optional<at::ScalarType> loss_dtype, const char* op);
 
 // How grad_output meets the forward's gradient in a backward.
 enum class GradOutputLayout {

@@ -38,6 +38,27 @@ FOCAL_HOST_DEVICE long long load_target(const void* target, long long index, int
   }
 }
 
+// Gamma as a piecewise-constant function of p_t (FLSD, Mukhoti et al. 2020): the first
+// k with p_t < thresholds[k] gives gammas[k]; above every threshold, gammas[pieces - 1].
+// pieces == 1 is a constant gamma. The kernels treat the chosen gamma as a constant of
+// the position (the gradient does not differentiate the choice), as the paper's code does.
+constexpr int kMaxGammaPieces = 8;
+
+template <typename T>
+struct GammaSchedule {
+  int pieces;                         // 1 .. kMaxGammaPieces
+  T thresholds[kMaxGammaPieces - 1];  // strictly increasing; float copies are rounded up, so
+                                      // that p < t in float means (double)p < t as given
+  T gammas[kMaxGammaPieces];
+};
+
+template <typename T>
+FOCAL_HOST_DEVICE T scheduled_gamma(const GammaSchedule<T>& s, T p_t) {
+  T gamma = s.gammas[s.pieces - 1];
+  for (int k = s.pieces - 2; k >= 0; --k) gamma = p_t < s.thresholds[k] ? s.gammas[k] : gamma;
+  return gamma;
+}
+
 // Overloads so templates can call exp/log/... for float and double alike
 // without picking up the double versions for float.
 FOCAL_HOST_DEVICE float math_exp(float x) { return expf(x); }

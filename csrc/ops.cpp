@@ -22,18 +22,25 @@ TORCH_LIBRARY(focal_cuda, m) {
   // (3,) state: [forward gradient scale, backward gradient scale, consumed flag].
   // inplace_backward=True lets an eager backward consume the returned grad_input in
   // place (the caller promises not to use it): what the Python wrappers pass.
+  // Gamma schedule (both losses): gamma_values[k] where p_t < gamma_thresholds[k] (the
+  // first such k, thresholds increasing), `gamma` where p_t is above every threshold;
+  // empty lists: constant gamma. loss_dtype: the loss's dtype (None: the input's; float32
+  // for 16-bit inputs, as under autocast); the gradient keeps the input's dtype.
   m.def(
       "softmax_focal_loss_forward(Tensor input, Tensor target, Tensor? class_weight, float alpha, float gamma, "
-      "int ignore_index, int reduction, bool compute_grad, bool inplace_backward=False) "
+      "int ignore_index, int reduction, bool compute_grad, bool inplace_backward=False, "
+      "float[] gamma_thresholds=[], float[] gamma_values=[], ScalarType? loss_dtype=None) "
       "-> (Tensor loss, Tensor grad_input, Tensor state)");
-  // Sigmoid focal loss over the last dim. target: floating, the input's shape (dense,
-  // soft labels allowed), or integer class indices of shape input.shape[:-1] (C means
+  // Sigmoid focal loss over the class dim class_dim (-1: last, or 1: channel-first
+  // (N, C, d1, ..., dk)). target: floating, the input's shape (dense, soft labels
+  // allowed), or integer class indices of the input's shape without class_dim (C means
   // background, ignore_index drops the row). alpha < 0: no alpha weighting.
   // normalizer (reduction "mean" only): the denominator, a 0-dim tensor on the
   // input's device (read there, no host sync) or a 0-dim CPU tensor.
   m.def(
       "sigmoid_focal_loss_forward(Tensor input, Tensor target, float alpha, float gamma, int ignore_index, "
-      "int reduction, Tensor? normalizer, bool compute_grad, bool inplace_backward=False) "
+      "int reduction, Tensor? normalizer, bool compute_grad, bool inplace_backward=False, "
+      "float[] gamma_thresholds=[], float[] gamma_values=[], ScalarType? loss_dtype=None, int class_dim=-1) "
       "-> (Tensor loss, Tensor grad_input, Tensor state)");
   // For either forward: applies grad_output to its gradient in place (skipped on the
   // device when the scale is exactly 1) and marks the state consumed.

@@ -14,22 +14,28 @@ const char* reduction_name(int64_t reduction) {
 }
 }  // namespace
 
-SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input, const at::Tensor& target,
-                                                        double alpha, double gamma, int64_t reduction, const std::optional<at::Tensor>& normalizer,
-                                                        bool compute_grad) {
+SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(
+    const at::Tensor& input, const at::Tensor& target, double alpha, double gamma, int64_t reduction,
+    const std::optional<at::Tensor>& normalizer, bool compute_grad, at::ArrayRef<double> gamma_thresholds,
+    at::ArrayRef<double> gamma_values, std::optional<at::ScalarType> loss_dtype, int64_t class_dim) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "sigmoid_focal_loss: inputs must be float16, bfloat16, float32 or float64 logits, got inputs.dtype=",
                    dtype);
   TORCH_CHECK_VALUE(target.device() == input.device(), "sigmoid_focal_loss: targets must be on the inputs' device ",
                     input.device(), ", got targets.device=", target.device());
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0,
-                    "sigmoid_focal_loss: gamma must be a finite number >= 0, got gamma=", gamma);
   TORCH_CHECK_VALUE(std::isfinite(alpha), "sigmoid_focal_loss: alpha must be finite, got alpha=", alpha);
   TORCH_CHECK_VALUE(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
                     "sigmoid_focal_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got reduction=", reduction);
 
   SigmoidFocalForwardPlan plan;
+  plan.gamma_schedule = plan_gamma_schedule(gamma, gamma_thresholds, gamma_values, "sigmoid_focal_loss");
+  plan.loss_dtype = plan_loss_dtype(dtype, loss_dtype, "sigmoid_focal_loss");
+  const int64_t last_dim = std::max<int64_t>(input.dim() - 1, 0);
+  TORCH_CHECK_VALUE(class_dim == -1 || class_dim == last_dim || (class_dim == 1 && input.dim() >= 2),
+                    "sigmoid_focal_loss: class_dim must be -1 (classes last) or 1 (channel-first (N, C, d1, ..., dk)), "
+                    "got class_dim=", class_dim, " for inputs.shape=", input.sizes());
+  plan.class_dim = class_dim == -1 ? last_dim : class_dim;
   plan.index_targets = !at::isFloatingType(target.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1 || !plan.index_targets, "sigmoid_focal_loss: index targets need inputs with a "
                     "class dim (classes last), got inputs.shape=", input.sizes());
@@ -67,6 +73,8 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
       plan.device_normalizer = n.to(accumulation_type(dtype));
     }
   }
+  TORCH_CHECK_NOT_IMPLEMENTED(plan.class_dim == last_dim || !plan.index_targets,
+                              "sigmoid_focal_loss: index targets with class_dim=1 are not implemented yet");
   plan.input = input.contiguous();
   plan.classes = input.dim() >= 1 ? input.size(-1) : 1;  // a 0-dim dense input is one element
   plan.rows = c10::multiply_integers(index_shape);
@@ -80,7 +88,8 @@ SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input,
 SigmoidFocalForwardOutputs allocate_sigmoid_focal_loss_outputs(const SigmoidFocalForwardPlan& plan) {
   const auto& input = plan.input;
   SigmoidFocalForwardOutputs out;
-  out.loss = plan.reduction == kReductionNone ? at::empty_like(input) : at::empty({}, input.options());
+  const auto loss_options = input.options().dtype(plan.loss_dtype);
+  out.loss = plan.reduction == kReductionNone ? at::empty(input.sizes(), loss_options) : at::empty({}, loss_options);
   out.grad = plan.compute_grad ? empty_gradient_like(input) : at::empty({0}, input.options());
   out.state = at::empty({3}, input.options().dtype(accumulation_type(input.scalar_type())));
   return out;

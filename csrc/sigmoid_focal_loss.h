@@ -28,13 +28,18 @@ struct SigmoidFocalForwardPlan {
   std::optional<double> host_normalizer;
   // As for softmax: 1/denominator folded into the forward gradient, but for float16.
   bool fold_mean_into_forward = false;
+  GammaSchedulePlan gamma_schedule;
+  at::ScalarType loss_dtype = at::kFloat;  // the input's, or float32 for 16-bit inputs (autocast)
+  int64_t class_dim = -1;                  // normalised: input.dim() - 1 (classes last) or 1 (channel-first)
   int64_t numel() const { return rows * classes; }
   bool has_normalizer() const { return device_normalizer.has_value() || host_normalizer.has_value(); }
 };
 
-SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(const at::Tensor& input, const at::Tensor& target,
-                                                        double alpha, double gamma, int64_t reduction, const std::optional<at::Tensor>& normalizer,
-                                                        bool compute_grad);
+SigmoidFocalForwardPlan plan_sigmoid_focal_loss_forward(
+    const at::Tensor& input, const at::Tensor& target, double alpha, double gamma, int64_t reduction,
+    const std::optional<at::Tensor>& normalizer, bool compute_grad, at::ArrayRef<double> gamma_thresholds = {},
+    at::ArrayRef<double> gamma_values = {}, std::optional<at::ScalarType> loss_dtype = std::nullopt,
+    int64_t class_dim = -1);
 
 // loss: the input's shape for "none", else 0-dim; grad: contiguous, input-shaped (empty
 // without compute_grad); state: [forward gradient scale, backward gradient scale, consumed].

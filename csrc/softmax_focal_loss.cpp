@@ -31,7 +31,9 @@ std::optional<std::tuple<int64_t, int64_t, int64_t>> collapse_to_ncs_strides(con
 
 SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    double alpha, double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad) {
+    double alpha, double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad,
+    at::ArrayRef<double> gamma_thresholds, at::ArrayRef<double> gamma_values,
+    std::optional<at::ScalarType> loss_dtype) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "softmax_focal_loss: input must be float16, bfloat16, float32 or float64 logits, got input.dtype=",
@@ -49,8 +51,8 @@ SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
                     " for input.shape=", input.sizes(), ", got target.shape=", target.sizes());
   TORCH_CHECK_VALUE(target.device() == input.device(), "softmax_focal_loss: target must be on the input's device ",
                     input.device(), ", got target.device=", target.device());
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0,
-                    "softmax_focal_loss: gamma must be a finite number >= 0, got gamma=", gamma);
+  plan.gamma_schedule = plan_gamma_schedule(gamma, gamma_thresholds, gamma_values, "softmax_focal_loss");
+  plan.loss_dtype = plan_loss_dtype(dtype, loss_dtype, "softmax_focal_loss");
   TORCH_CHECK_VALUE(std::isfinite(alpha), "softmax_focal_loss: alpha must be finite, got alpha=", alpha);
   TORCH_CHECK_VALUE(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
                     "softmax_focal_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got reduction=", reduction);
@@ -88,9 +90,9 @@ SoftmaxFocalForwardOutputs allocate_softmax_focal_loss_outputs(SoftmaxFocalForwa
   const auto& input = plan.input;
   SoftmaxFocalForwardOutputs out;
   if (plan.reduction == kReductionNone) {
-    out.loss = at::empty(plan.target.sizes(), input.options());
+    out.loss = at::empty(plan.target.sizes(), input.options().dtype(plan.loss_dtype));
   } else {
-    out.loss = at::empty({}, input.options());
+    out.loss = at::empty({}, input.options().dtype(plan.loss_dtype));
   }
   if (plan.compute_grad) {
     // Same layout as the logits (dense strides are preserved), so the gradient pass

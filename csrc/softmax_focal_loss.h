@@ -38,12 +38,16 @@ struct SoftmaxFocalForwardPlan {
   // would underflow a gradient divided by a large count; float16 keeps the
   // unnormalised gradient and the backward applies 1/count with grad_output.
   bool fold_mean_into_forward = false;
+  GammaSchedulePlan gamma_schedule;
+  at::ScalarType loss_dtype = at::kFloat;  // the input's, or float32 for 16-bit inputs (autocast)
 };
 
 // Validates every argument (raising before anything is written) and prepares the views.
 SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    double alpha, double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad);
+    double alpha, double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad,
+    at::ArrayRef<double> gamma_thresholds = {}, at::ArrayRef<double> gamma_values = {},
+    std::optional<at::ScalarType> loss_dtype = std::nullopt);
 
 // Outputs of the forward op:
 //   loss   reduction "none": target-shaped; else 0-dim. Input dtype.

@@ -22,19 +22,23 @@ def _state_like(input: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake(f"{_LIB}::softmax_focal_loss_forward")
 def _softmax_focal_loss_forward_fake(
-    input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, inplace_backward=False
+    input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, inplace_backward=False,
+    gamma_thresholds=(), gamma_values=(), loss_dtype=None,
 ):
-    loss = input.new_empty(target.shape) if reduction == _REDUCTIONS["none"] else input.new_empty(())
+    dtype = loss_dtype or input.dtype
+    loss = input.new_empty(target.shape, dtype=dtype) if reduction == _REDUCTIONS["none"] else input.new_empty((), dtype=dtype)
     grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
     return loss, grad, _state_like(input)
 
 
 @torch.library.register_fake(f"{_LIB}::sigmoid_focal_loss_forward")
 def _sigmoid_focal_loss_forward_fake(
-    input, target, alpha, gamma, ignore_index, reduction, normalizer, compute_grad, inplace_backward=False
+    input, target, alpha, gamma, ignore_index, reduction, normalizer, compute_grad, inplace_backward=False,
+    gamma_thresholds=(), gamma_values=(), loss_dtype=None, class_dim=-1,
 ):
     # The kernels write contiguous outputs.
-    loss = input.new_empty(input.shape) if reduction == _REDUCTIONS["none"] else input.new_empty(())
+    dtype = loss_dtype or input.dtype
+    loss = input.new_empty(input.shape, dtype=dtype) if reduction == _REDUCTIONS["none"] else input.new_empty((), dtype=dtype)
     grad = input.new_empty(input.shape) if compute_grad else input.new_empty((0,))
     return loss, grad, _state_like(input)
 
@@ -50,16 +54,23 @@ def _focal_loss_backward_fake(grad_input, state, grad_output):
 
 
 class _Autograd:
-    """The autograd formula of one forward op. ``input`` is argument 0 and ``compute_grad`` /
-    ``inplace_backward`` the last two; the forward's gradient buffer is applied by the shared backward."""
+    """The autograd formula of one forward op. ``input`` is argument 0; ``compute_grad`` and
+    ``inplace_backward`` are found by name in the schema. The forward's gradient buffer is applied
+    by the shared backward."""
 
-    def __init__(self, op_name: str, num_args: int) -> None:
+    def __init__(self, op_name: str, schema) -> None:
         self.op_name = op_name
-        self.num_args = num_args
+        self.arguments = [a.name for a in schema.arguments]
+        self.defaults = [a.default_value if a.has_default_value() else None for a in schema.arguments]
+        self.compute_grad_index = self.arguments.index("compute_grad")
+        self.inplace_backward_index = self.arguments.index("inplace_backward")
+
+    def _argument(self, inputs, index):
+        return inputs[index] if index < len(inputs) else self.defaults[index]
 
     def setup_context(self, ctx, inputs, output) -> None:
-        *args, compute_grad = inputs[: self.num_args - 1]
-        inplace_backward = inputs[self.num_args - 1] if len(inputs) == self.num_args else False
+        compute_grad = self._argument(inputs, self.compute_grad_index)
+        inplace_backward = self._argument(inputs, self.inplace_backward_index)
         _, grad_input, state = output
         ctx.mark_non_differentiable(grad_input, state)
         # Otherwise autograd hands the backward a zero tensor the size of the logits for
@@ -70,10 +81,16 @@ class _Autograd:
         ctx.backward_done = False
         # Called directly with compute_grad=False on an input that requires grad: keep
         # what a recomputation needs (the Python wrappers never take this path).
-        ctx.recompute_args = None if compute_grad else (args[0].detach(), *args[1:])
+        ctx.recompute_args = None
+        if not compute_grad:
+            args = [self._argument(inputs, i) for i in range(len(self.arguments))]
+            args[0] = args[0].detach()
+            args[self.compute_grad_index] = True
+            args[self.inplace_backward_index] = False
+            ctx.recompute_args = tuple(args)
 
     def backward(self, ctx, grad_loss, _grad_grad_input, _grad_state):
-        nones = [None] * (self.num_args - 1)
+        nones = [None] * (len(self.arguments) - 1)
         if grad_loss is None:  # the loss was not used (grads are not materialized)
             return None, *nones
         eager = type(grad_loss) is torch.Tensor
@@ -94,7 +111,7 @@ class _Autograd:
         if ctx.recompute_args is not None:
             with torch.no_grad():
                 forward = getattr(torch.ops.focal_cuda, f"{self.op_name}_forward")
-                _, grad_input, state = forward(*ctx.recompute_args, True)
+                _, grad_input, state = forward(*ctx.recompute_args)
         if not in_place:
             # The caller may still hold grad_input, or the backward is being traced
             # (torch.compile, export, fake tensors: a graph may not mutate a saved
@@ -108,8 +125,7 @@ class _Autograd:
 
 
 for _name in ("softmax_focal_loss", "sigmoid_focal_loss"):
-    _schema = getattr(torch.ops.focal_cuda, f"{_name}_forward").default._schema
-    _formula = _Autograd(_name, len(_schema.arguments))
+    _formula = _Autograd(_name, getattr(torch.ops.focal_cuda, f"{_name}_forward").default._schema)
     torch.library.register_autograd(
         f"{_LIB}::{_name}_forward", _formula.backward, setup_context=_formula.setup_context
     )

@@ -28,10 +28,14 @@ int64_t scan_targets(const SoftmaxFocalForwardPlan& plan, int64_t ignore_index) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight, double alpha,
-    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward) {
+    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward,
+    at::ArrayRef<double> gamma_thresholds, at::ArrayRef<double> gamma_values, std::optional<at::ScalarType> loss_dtype) {
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
-                                              compute_grad);
+                                              compute_grad, gamma_thresholds, gamma_values, loss_dtype);
+  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant(), "softmax_focal_loss: gamma schedules are not implemented yet on the CPU");
+  TORCH_CHECK_NOT_IMPLEMENTED(reduction != kReductionNone || plan.loss_dtype == input.scalar_type(),
+                              "softmax_focal_loss: loss_dtype with reduction='none' is not implemented yet on the CPU");
   const int64_t valid = scan_targets(plan, ignore_index);
   auto out = allocate_softmax_focal_loss_outputs(plan);
   const MeanDenominator denominator{static_cast<double>(valid), false};

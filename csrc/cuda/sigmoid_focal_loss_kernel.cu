@@ -78,10 +78,15 @@ void launch_index(const SigmoidFocalForwardPlan& plan, const SigmoidFocalForward
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, double alpha, double gamma, int64_t ignore_index,
-    int64_t reduction, const std::optional<at::Tensor>& normalizer, bool compute_grad, bool inplace_backward) {
+    int64_t reduction, const std::optional<at::Tensor>& normalizer, bool compute_grad, bool inplace_backward,
+    at::ArrayRef<double> gamma_thresholds, at::ArrayRef<double> gamma_values, std::optional<at::ScalarType> loss_dtype,
+    int64_t class_dim) {
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   const c10::cuda::CUDAGuard device_guard(input.device());
-  auto plan = plan_sigmoid_focal_loss_forward(input, target, alpha, gamma, reduction, normalizer, compute_grad);
+  auto plan = plan_sigmoid_focal_loss_forward(input, target, alpha, gamma, reduction, normalizer, compute_grad,
+                                              gamma_thresholds, gamma_values, loss_dtype, class_dim);
+  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant() && plan.loss_dtype == input.scalar_type(),
+                              "sigmoid_focal_loss: gamma schedules and loss_dtype are not implemented yet on CUDA");
   auto out = allocate_sigmoid_focal_loss_outputs(plan);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto acc_type = accumulation_type(plan.input.scalar_type());

@@ -76,10 +76,13 @@ void launch_forward(const SoftmaxFocalForwardPlan& plan, const SoftmaxFocalForwa
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& class_weight, double alpha,
-    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward) {
+    double gamma, int64_t ignore_index, int64_t reduction, bool compute_grad, bool inplace_backward,
+    at::ArrayRef<double> gamma_thresholds, at::ArrayRef<double> gamma_values, std::optional<at::ScalarType> loss_dtype) {
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
-                                              compute_grad);
+                                              compute_grad, gamma_thresholds, gamma_values, loss_dtype);
+  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant() && plan.loss_dtype == input.scalar_type(),
+                              "softmax_focal_loss: gamma schedules and loss_dtype are not implemented yet on CUDA");
   const c10::cuda::CUDAGuard device_guard(input.device());
   auto out = allocate_softmax_focal_loss_outputs(plan);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
