@@ -140,6 +140,8 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE T abs(T x) { return math_abs(x); }
   static FOCAL_HOST_DEVICE T pow(T x, T y) { return math_pow(x, y); }
   static FOCAL_HOST_DEVICE T neg(T x) { return -x; }
+  static FOCAL_HOST_DEVICE T recip(T x) { return T(1) / x; }
+  static FOCAL_HOST_DEVICE T div(T a, T b) { return a / b; }
   static FOCAL_HOST_DEVICE T select_positive(T q, T if_positive, T otherwise) {  // q > 0 ? a : b
     return q > T(0) ? if_positive : otherwise;
   }
@@ -199,7 +201,7 @@ template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
   const T zero = T(S(0)), one = T(S(1));
   const T e = Math::exp(Math::neg(Math::abs(x)));
-  const T inv = one / (one + e);
+  const T inv = Math::recip(one + e);
   const T p = Math::select_positive(x, inv, e * inv);  // sigmoid(x)
   const T q = Math::select_positive(x, e * inv, inv);  // sigmoid(-x) = 1 - p
   const T ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
@@ -207,7 +209,7 @@ FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S 
   const T m = p * not_y + q * y;
   const T modulating = modulating_factor<T, S, Math>(m, gamma);
   const T one_minus_2y = not_y - y;
-  const T r = Math::select_positive(m, p * q * one_minus_2y / m, one_minus_2y);
+  const T r = Math::select_positive(m, Math::div(p * q * one_minus_2y, m), one_minus_2y);
   const T p_minus_y = p * not_y - q * y;
   const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
   SigmoidFocalTerms<T> out;
@@ -216,6 +218,41 @@ FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S 
   // so gamma ce would overflow to inf and make inf * 0 = NaN.
   out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * (ce * r));
   return out;
+}
+
+// The same terms for a hard label (positive: y = 1, else y = 0), as index targets
+// have, without the soft-label algebra and its division. With z = x for a negative
+// and -x for a positive: 1 - p_t = m = sigmoid(z), p_t = q = sigmoid(-z),
+// ce = softplus(z), loss = alpha_t ce m^gamma and
+//   dloss/dz = alpha_t m^gamma (m + gamma ce q),  dloss/dx = +-dloss/dz
+// (sigmoid_focal_terms with r = q or -p). ce q is bounded, formed before gamma
+// multiplies it, as above.
+template <typename T, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_hard(T x, bool positive, T gamma, T alpha_t) {
+  const T zero = T(0), one = T(1);
+  const T z = positive ? Math::neg(x) : x;
+  const T e = Math::exp(Math::neg(Math::abs(z)));
+  const T inv = Math::recip(one + e);
+  const T m = Math::select_positive(z, inv, e * inv);
+  const T q = Math::select_positive(z, e * inv, inv);
+  const T ce = Math::select_positive(z, z, zero) + Math::log1p(e);
+  const T modulating = modulating_factor<T, T, Math>(m, gamma);
+  const T dz = alpha_t * modulating * (m + gamma * (ce * q));
+  SigmoidFocalTerms<T> out;
+  out.loss = alpha_t * ce * modulating;
+  out.grad = positive ? Math::neg(dz) : dz;
+  return out;
+}
+
+// p_t of a sigmoid element with target y in [0, 1]: p y + (1 - p)(1 - y), for a
+// gamma schedule (exact for hard labels).
+template <typename T, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE T sigmoid_p_t(T x, T y) {
+  const T e = Math::exp(Math::neg(Math::abs(x)));
+  const T inv = Math::recip(T(1) + e);
+  const T p = Math::select_positive(x, inv, e * inv);
+  const T q = Math::select_positive(x, e * inv, inv);
+  return p * y + q * (T(1) - y);
 }
 
 }  // namespace focal_cuda

@@ -22,6 +22,8 @@ struct VecMath {
   static Vec abs(Vec x) { return x.abs(); }
   static Vec pow(Vec x, Vec y) { return x.pow(y); }
   static Vec neg(Vec x) { return x.neg(); }
+  static Vec recip(Vec x) { return Vec(typename Vec::value_type(1)) / x; }
+  static Vec div(Vec a, Vec b) { return a / b; }
   static Vec select_positive(Vec q, Vec if_positive, Vec otherwise) {  // q > 0 ? a : b, lane by lane
     return Vec::blendv(otherwise, if_positive, q > Vec(typename Vec::value_type(0)));
   }
@@ -90,6 +92,8 @@ struct VecMath<VecPack<Vec, K>> {
   static Pack abs(const Pack& x) { return Pack::map(VecMath<Vec>::abs, x); }
   static Pack pow(const Pack& x, const Pack& y) { return Pack::map(VecMath<Vec>::pow, x, y); }
   static Pack neg(const Pack& x) { return Pack::map(VecMath<Vec>::neg, x); }
+  static Pack recip(const Pack& x) { return Pack::map(VecMath<Vec>::recip, x); }
+  static Pack div(const Pack& a, const Pack& b) { return Pack::map(VecMath<Vec>::div, a, b); }
   static Pack select_positive(const Pack& q, const Pack& if_positive, const Pack& otherwise) {
     Pack r;
     for (int k = 0; k < K; ++k) r.v[k] = VecMath<Vec>::select_positive(q.v[k], if_positive.v[k], otherwise.v[k]);

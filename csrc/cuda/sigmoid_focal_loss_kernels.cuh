@@ -2,8 +2,17 @@
 //
 // This header includes no ATen or torch headers and uses plain CUDA C++ (warp
 // shuffles, shared memory, no inline PTX, no CUB), so it compiles on its own
-// and can run on CPU implementations of the CUDA programming model. The
-// launchers in sigmoid_focal_loss_kernel.cu map ATen types onto it.
+// and runs on the CPU emulation of CUDA. The launcher in
+// sigmoid_focal_loss_kernel.cu picks:
+//
+//   dense     floating targets of the input's layout: a flat elementwise pass, UNROLL
+//             VEC-wide packs of logits and targets in flight per thread.
+//   index     class-index targets, classes last ((N, C), (B, A, C)): the same flat
+//             pass over the logits; each pack finds its row(s) with one multiply-high
+//             division, reads their targets (L1 hits) and compares class indices.
+//   channels  class-index targets, channel-first (N, C, d1, ..., dk): each thread
+//             owns VEC consecutive positions, reads their targets once, and walks
+//             the classes BATCH VEC-wide loads at a time.
 #pragma once
 
 #include "focal_loss_kernels.cuh"
@@ -12,13 +21,13 @@ namespace focal_cuda {
 namespace device {
 
 template <typename acc_t>
-struct SigmoidForwardArgs {
+struct SigmoidArgs {
   int reduction;
   bool compute_grad;
-  acc_t gamma;
+  GammaSchedule<acc_t> gamma;
   acc_t alpha;
   bool use_alpha;  // alpha >= 0
-  // Index targets (the index kernel only): one per row, `classes` = background.
+  // Index targets: one per row, `classes` = background.
   const void* target;
   int target_kind;
   long long ignore_index;
@@ -32,7 +41,7 @@ struct SigmoidForwardArgs {
   // With fold_mean_into_forward and count_rows, count_valid_targets_kernel has
   // written 1 / denominator to state[0] before the forward kernel runs.
   bool fold_mean_into_forward;
-  acc_t* state;  // [forward gradient scale, backward gradient scale, consumed flag]
+  acc_t* state;              // [forward gradient scale, backward gradient scale, consumed flag]
   acc_t* partial_loss;       // one per block
   long long* partial_count;  // one per block
   unsigned int* ticket;      // zeroed before the launch
@@ -44,7 +53,7 @@ __device__ __forceinline__ acc_t inverse_or_zero(acc_t d) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid_forward_scale(const SigmoidForwardArgs<acc_t>& a) {
+__device__ __forceinline__ acc_t sigmoid_forward_scale(const SigmoidArgs<acc_t>& a) {
   if (!a.fold_mean_into_forward) return acc_t(1);
   if (a.normalizer != nullptr) return acc_t(1) / *a.normalizer;
   if (a.count_rows) return a.state[0];
@@ -54,8 +63,8 @@ __device__ __forceinline__ acc_t sigmoid_forward_scale(const SigmoidForwardArgs<
 // The reduced loss and the backward state, written by the last block. `rows` is
 // the number of non-ignored rows (index targets; unused otherwise).
 template <int BLOCK, typename scalar_t, typename acc_t>
-__device__ void sigmoid_reduce_and_finalize(acc_t loss, long long rows, long long classes,
-                                            const SigmoidForwardArgs<acc_t>& a, scalar_t* loss_out) {
+__device__ void sigmoid_reduce_and_finalize(acc_t loss, long long rows, long long classes, const SigmoidArgs<acc_t>& a,
+                                            const LossOut<scalar_t>& loss_out) {
   if (!reduce_block_partials<BLOCK>(loss, rows, a.partial_loss, a.partial_count, a.ticket)) return;
   acc_t inverse, mean;
   if (a.normalizer != nullptr || a.host_denominator_as_given) {
@@ -68,112 +77,295 @@ __device__ void sigmoid_reduce_and_finalize(acc_t loss, long long rows, long lon
     mean = d > acc_t(0) ? loss / d : acc_t(0);
   }
   const bool is_mean = a.reduction == kReductionMean;
-  if (a.reduction != kReductionNone) loss_out[0] = from_acc<scalar_t>(is_mean ? mean : loss);
+  if (a.reduction != kReductionNone) loss_out.store(0, is_mean ? mean : loss);
   a.state[0] = a.fold_mean_into_forward ? inverse : acc_t(1);
   a.state[1] = (is_mean && !a.fold_mean_into_forward) ? inverse : acc_t(1);
   a.state[2] = acc_t(0);
 }
 
+// Per-element loss stores for reduction "none", in the loss's dtype.
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_loss_pack(const LossOut<scalar_t>& out, long long first, const acc_t (&v)[VEC]) {
+  if (out.acc_dtype) {
+    Packed<acc_t, VEC> p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = v[k];
+    store_pack<acc_t, VEC>(static_cast<acc_t*>(out.ptr) + first, p);
+  } else {
+    Packed<scalar_t, VEC> p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = from_acc<scalar_t>(v[k]);
+    store_pack<scalar_t, VEC>(static_cast<scalar_t*>(out.ptr) + first, p);
+  }
+}
+
+// The gamma of one element: the schedule's piece for its p_t, or the constant.
+template <typename Math, typename acc_t>
+__device__ __forceinline__ acc_t element_gamma(const GammaSchedule<acc_t>& schedule, acc_t x, acc_t y) {
+  return schedule.pieces > 1 ? scheduled_gamma(schedule, sigmoid_p_t<acc_t, Math>(x, y)) : schedule.gammas[0];
+}
+
+// n / d by one multiply-high (Granlund and Montgomery), for 0 <= n < 2^63.
+struct FastDivider {
+  unsigned long long divisor;
+  unsigned long long magic;  // floor(2^64 (2^shift - d) / d) + 1
+  int shift;                 // ceil(log2(d))
+  __device__ __forceinline__ long long divide(long long n) const {
+    if (divisor == 1) return n;
+    const unsigned long long u = static_cast<unsigned long long>(n);
+    return static_cast<long long>((__umul64hi(u, magic) + u) >> shift);
+  }
+};
+
 // ---------------------------------------------------------------------------
-// Dense targets (the input's shape, soft labels allowed): a flat elementwise
-// pass, VEC elements (16 bytes of logits) per access, then the tail.
-template <typename scalar_t, typename target_t, int BLOCK, int VEC>
-__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
+// Dense targets (the input's layout, soft labels allowed): a flat elementwise
+// pass over `numel` elements, UNROLL packs of VEC (16 bytes of logits) per thread
+// in flight, then the tail. VEC == 1 when a base is not aligned.
+template <typename scalar_t, typename target_t, int VEC>
+__global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerSM))
     sigmoid_focal_loss_dense_kernel(const scalar_t* __restrict__ input, const target_t* __restrict__ target,
-                                    scalar_t* __restrict__ grad, scalar_t* __restrict__ loss_out, long long numel,
-                                    SigmoidForwardArgs<typename AccumulateType<scalar_t>::type> a) {
+                                    scalar_t* __restrict__ grad, LossOut<scalar_t> loss_out, long long numel,
+                                    SigmoidArgs<typename AccumulateType<scalar_t>::type> a) {
   using acc_t = typename AccumulateType<scalar_t>::type;
+  using Math = typename ElementwiseMath<scalar_t>::type;
+  constexpr int UNROLL = VEC > 1 ? 2 : 4;
   const acc_t forward_scale = sigmoid_forward_scale(a);
   const bool write_loss = a.reduction == kReductionNone;
-  const long long stride = static_cast<long long>(gridDim.x) * BLOCK;
-  const long long first = static_cast<long long>(blockIdx.x) * BLOCK + threadIdx.x;
   const long long packs = numel / VEC;
+  const long long stride = static_cast<long long>(gridDim.x) * kBlock * UNROLL;
   acc_t thread_loss = 0;
-  for (long long i = first; i < packs; i += stride) {
-    const Packed<scalar_t, VEC> x = *reinterpret_cast<const Packed<scalar_t, VEC>*>(input + i * VEC);
-    const Packed<target_t, VEC> y = *reinterpret_cast<const Packed<target_t, VEC>*>(target + i * VEC);
-    Packed<scalar_t, VEC> loss, g;
+  auto element = [&](acc_t x, acc_t y, acc_t& loss, acc_t& g) {
+    const SigmoidFocalTerms<acc_t> t =
+        sigmoid_focal_terms<acc_t, acc_t, Math>(x, y, element_gamma<Math>(a.gamma, x, y), a.alpha, a.use_alpha);
+    loss = t.loss;
+    g = t.grad * forward_scale;
+  };
+  for (long long i = static_cast<long long>(blockIdx.x) * kBlock * UNROLL + threadIdx.x; i < packs; i += stride) {
+    Packed<scalar_t, VEC> x[UNROLL];
+    Packed<target_t, VEC> y[UNROLL];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const SigmoidFocalTerms<acc_t> t =
-          sigmoid_focal_terms(to_acc(x.v[k]), to_acc(y.v[k]), a.gamma, a.alpha, a.use_alpha);
-      thread_loss += t.loss;
-      loss.v[k] = from_acc<scalar_t>(t.loss);
-      g.v[k] = from_acc<scalar_t>(t.grad * forward_scale);
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = i + u * kBlock;
+      if (j < packs) {
+        x[u] = load_pack<scalar_t, VEC>(input + j * VEC);
+        y[u] = load_pack<target_t, VEC>(target + j * VEC);
+      }
     }
-    if (write_loss) *reinterpret_cast<Packed<scalar_t, VEC>*>(loss_out + i * VEC) = loss;
-    if (a.compute_grad) *reinterpret_cast<Packed<scalar_t, VEC>*>(grad + i * VEC) = g;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = i + u * kBlock;
+      if (j >= packs) continue;
+      acc_t loss[VEC];
+      Packed<scalar_t, VEC> g;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc_t gk;
+        element(to_acc(x[u].v[k]), to_acc(y[u].v[k]), loss[k], gk);
+        thread_loss += loss[k];
+        g.v[k] = from_acc<scalar_t>(gk);
+      }
+      if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, j * VEC, loss);
+      if (a.compute_grad) store_pack<scalar_t, VEC>(grad + j * VEC, g);
+    }
   }
-  for (long long e = packs * VEC + first; e < numel; e += stride) {
-    const SigmoidFocalTerms<acc_t> t = sigmoid_focal_terms(to_acc(input[e]), to_acc(target[e]), a.gamma, a.alpha,
-                                                           a.use_alpha);
-    thread_loss += t.loss;
-    if (write_loss) loss_out[e] = from_acc<scalar_t>(t.loss);
-    if (a.compute_grad) grad[e] = from_acc<scalar_t>(t.grad * forward_scale);
+  for (long long e = packs * VEC + static_cast<long long>(blockIdx.x) * kBlock + threadIdx.x; e < numel;
+       e += static_cast<long long>(gridDim.x) * kBlock) {
+    acc_t loss, gk;
+    element(to_acc(input[e]), to_acc(target[e]), loss, gk);
+    thread_loss += loss;
+    if (write_loss) loss_out.store(e, loss);
+    if (a.compute_grad) grad[e] = from_acc<scalar_t>(gk);
   }
-  sigmoid_reduce_and_finalize<BLOCK>(thread_loss, 0LL, 1LL, a, loss_out);
+  sigmoid_reduce_and_finalize<kBlock>(thread_loss, 0LL, 1LL, a, loss_out);
+}
+
+// One row's index target, as the elements of that row see it, in one register: the
+// positive class (>= 0), or kBackground, kIgnored, kOutOfRange. C < 2^31 is
+// checked on the host.
+struct RowTarget {
+  static constexpr int kBackground = -1;
+  static constexpr int kIgnored = -2;
+  static constexpr int kOutOfRange = -3;
+  int code;
+  __device__ __forceinline__ int positive() const { return code; }  // matches no class unless >= 0
+  __device__ __forceinline__ bool valid() const { return code >= kBackground; }
+  __device__ __forceinline__ bool ignored() const { return code == kIgnored; }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowTarget read_row_target(const SigmoidArgs<acc_t>& a, long long r, long long classes) {
+  const long long t = load_target(a.target, r, a.target_kind);
+  RowTarget rt;
+  rt.code = t == a.ignore_index            ? RowTarget::kIgnored
+            : t < 0 || t > classes         ? RowTarget::kOutOfRange
+            : t == classes                 ? RowTarget::kBackground
+                                           : static_cast<int>(t);
+  return rt;
+}
+
+// Terms of one element of a row with index target; an ignored row gives exact
+// zeros, an out-of-range target (checked on the host for CPU tensors only: no
+// sync here) NaN.
+template <typename Math, typename acc_t>
+__device__ __forceinline__ void index_element(const SigmoidArgs<acc_t>& a, acc_t x, bool positive, bool valid,
+                                              bool ignored, acc_t forward_scale, acc_t& loss, acc_t& grad) {
+  const acc_t alpha_t = !a.use_alpha ? acc_t(1) : positive ? a.alpha : acc_t(1) - a.alpha;
+  acc_t gamma = a.gamma.gammas[0];
+  if (a.gamma.pieces > 1) gamma = scheduled_gamma(a.gamma, sigmoid_p_t<acc_t, Math>(x, positive ? acc_t(1) : acc_t(0)));
+  const SigmoidFocalTerms<acc_t> t = sigmoid_focal_terms_hard<acc_t, Math>(x, positive, gamma, alpha_t);
+  if (valid) {
+    loss = t.loss;
+    grad = t.grad * forward_scale;
+  } else {
+    loss = ignored ? acc_t(0) : quiet_nan<acc_t>();
+    grad = loss;
+  }
 }
 
 // ---------------------------------------------------------------------------
-// Index targets (one class per row, `classes` = background): GROUP threads per
-// row. The row's target is read once, by the group's first lane, and shuffled to
-// the others; no one-hot tensor exists anywhere. An ignored row gets exact zeros;
-// an out-of-range target (checked on the host for CPU tensors only: no sync
-// here) makes its row NaN.
-template <typename scalar_t, int BLOCK, int GROUP, int VEC>
-__global__ void __launch_bounds__(BLOCK, kMinBlocksPerSM)
+// Index targets, classes last: rows of `classes` contiguous logits, one target per
+// row (`classes` = background). A flat pass in VEC-element packs (VEC <= classes,
+// so a pack touches at most two rows); the row of a pack's first element comes
+// from one multiply-high. No one-hot tensor exists anywhere. Rows are counted (for
+// "mean") by the pack holding their first element.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerSM))
     sigmoid_focal_loss_index_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ grad,
-                                    scalar_t* __restrict__ loss_out, long long rows, long long classes,
-                                    SigmoidForwardArgs<typename AccumulateType<scalar_t>::type> a) {
+                                    LossOut<scalar_t> loss_out, long long rows, long long classes, FastDivider by_classes,
+                                    SigmoidArgs<typename AccumulateType<scalar_t>::type> a) {
   using acc_t = typename AccumulateType<scalar_t>::type;
-  static_assert(GROUP <= kWarpSize && kWarpSize % GROUP == 0, "unsupported group size");
-  constexpr int kGroupsPerBlock = BLOCK / GROUP;
-  const int lane = threadIdx.x % GROUP;
-  const int group = threadIdx.x / GROUP;
+  using Math = typename ElementwiseMath<scalar_t>::type;
+  constexpr int UNROLL = VEC > 1 ? 2 : 4;
   const acc_t forward_scale = sigmoid_forward_scale(a);
   const bool write_loss = a.reduction == kReductionNone;
+  const long long numel = rows * classes;
+  const long long packs = numel / VEC;
+  const long long stride = static_cast<long long>(gridDim.x) * kBlock * UNROLL;
   acc_t thread_loss = 0;
-  long long thread_rows = 0;
-  // Uniform trip count across the block so that the shuffle sees every lane.
-  for (long long base = static_cast<long long>(blockIdx.x) * kGroupsPerBlock; base < rows;
-       base += static_cast<long long>(gridDim.x) * kGroupsPerBlock) {
-    const long long r = base + group;
-    const bool active = r < rows;
-    long long t = 0;
-    if (active && lane == 0) t = load_target(a.target, r, a.target_kind);
-    t = __shfl_sync(kFullMask, t, 0, GROUP);
-    if (!active) continue;
-    const bool ignored = t == a.ignore_index;
-    const bool valid = !ignored && t >= 0 && t <= classes;
-    if (lane == 0 && valid) ++thread_rows;
-    const acc_t nan_or_one = valid || ignored ? acc_t(1) : quiet_nan<acc_t>();
-    const scalar_t* row = input + r * classes;
-    scalar_t* grad_row = a.compute_grad ? grad + r * classes : nullptr;
-    scalar_t* loss_row = write_loss ? loss_out + r * classes : nullptr;
-    for (long long c0 = static_cast<long long>(lane) * VEC; c0 < classes; c0 += static_cast<long long>(GROUP) * VEC) {
-      Packed<scalar_t, VEC> loss, g;
-      if (ignored) {
+  unsigned int thread_rows = 0;  // per thread: far below 2^32
+  for (long long i = static_cast<long long>(blockIdx.x) * kBlock * UNROLL + threadIdx.x; i < packs; i += stride) {
+    Packed<scalar_t, VEC> x[UNROLL];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          loss.v[k] = from_acc<scalar_t>(acc_t(0));
-          g.v[k] = from_acc<scalar_t>(acc_t(0));
-        }
-      } else {
-        const Packed<scalar_t, VEC> x = *reinterpret_cast<const Packed<scalar_t, VEC>*>(row + c0);
+    for (int u = 0; u < UNROLL; ++u) {
+      if (i + u * kBlock < packs) x[u] = load_pack<scalar_t, VEC>(input + (i + u * kBlock) * VEC);
+    }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const acc_t y = c0 + k == t ? acc_t(1) : acc_t(0);
-          const SigmoidFocalTerms<acc_t> terms = sigmoid_focal_terms(to_acc(x.v[k]), y, a.gamma, a.alpha, a.use_alpha);
-          thread_loss += terms.loss * nan_or_one;
-          loss.v[k] = from_acc<scalar_t>(terms.loss * nan_or_one);
-          g.v[k] = from_acc<scalar_t>(terms.grad * forward_scale * nan_or_one);
-        }
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = i + u * kBlock;
+      if (j >= packs) continue;
+      const long long e0 = j * VEC;
+      const long long r0 = by_classes.divide(e0);
+      const long long c0 = e0 - r0 * classes;
+      // Elements k >= boundary belong to row r0 + 1.
+      const int boundary = classes - c0 < VEC ? static_cast<int>(classes - c0) : VEC;
+      const RowTarget t0 = read_row_target(a, r0, classes);
+      RowTarget t1 = t0;
+      if (boundary < VEC) t1 = read_row_target(a, r0 + 1, classes);
+      thread_rows += (c0 == 0 && t0.valid() ? 1 : 0) + (boundary < VEC && t1.valid() ? 1 : 0);
+      // The positive element's index in the pack, per row (-1: none here).
+      const long long d0 = t0.positive() - c0;
+      const int k0 = t0.positive() >= 0 && d0 >= 0 && d0 < VEC ? static_cast<int>(d0) : -1;
+      const int k1 = t1.positive() >= 0 && t1.positive() + boundary < VEC ? t1.positive() + boundary : -1;
+      acc_t loss[VEC];
+      Packed<scalar_t, VEC> g;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc_t gk;
+        const bool second = k >= boundary;
+        const RowTarget rt{second ? t1.code : t0.code};
+        index_element<Math>(a, to_acc(x[u].v[k]), k == k0 || k == k1, rt.valid(), rt.ignored(), forward_scale,
+                            loss[k], gk);
+        thread_loss += loss[k];
+        g.v[k] = from_acc<scalar_t>(gk);
       }
-      if (write_loss) *reinterpret_cast<Packed<scalar_t, VEC>*>(loss_row + c0) = loss;
-      if (a.compute_grad) *reinterpret_cast<Packed<scalar_t, VEC>*>(grad_row + c0) = g;
+      if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, e0, loss);
+      if (a.compute_grad) store_pack<scalar_t, VEC>(grad + e0, g);
     }
   }
-  sigmoid_reduce_and_finalize<BLOCK>(thread_loss, thread_rows, classes, a, loss_out);
+  for (long long e = packs * VEC + static_cast<long long>(blockIdx.x) * kBlock + threadIdx.x; e < numel;
+       e += static_cast<long long>(gridDim.x) * kBlock) {
+    const long long r = by_classes.divide(e);
+    const long long c = e - r * classes;
+    const RowTarget rt = read_row_target(a, r, classes);
+    if (c == 0 && rt.valid()) ++thread_rows;
+    acc_t loss, gk;
+    index_element<Math>(a, to_acc(input[e]), c == rt.positive(), rt.valid(), rt.ignored(), forward_scale, loss, gk);
+    thread_loss += loss;
+    if (write_loss) loss_out.store(e, loss);
+    if (a.compute_grad) grad[e] = from_acc<scalar_t>(gk);
+  }
+  sigmoid_reduce_and_finalize<kBlock>(thread_loss, thread_rows, classes, a, loss_out);
+}
+
+// Positions per thread of the channel-first kernel: 16-byte loads for 4- and 8-byte
+// types; 8-byte loads (4 positions) for 16-bit ones, whose 8 positions per thread
+// exceed 64 registers with bfloat16 (ptxas spills).
+template <typename scalar_t>
+constexpr int sigmoid_channels_vec() {
+  return sizeof(scalar_t) == 2 ? 4 : 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+// ---------------------------------------------------------------------------
+// Index targets, channel-first (N, C, d1, ..., dk) with a unit spatial stride:
+// each thread owns VEC consecutive positions (spatial % VEC == 0, VEC-aligned
+// strides and bases), reads their VEC targets once, then walks the C classes,
+// BATCH VEC-wide loads in flight at a time; neighbouring threads own neighbouring
+// positions, so every class's loads are coalesced. Outputs keep the input's layout.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerSM))
+    sigmoid_focal_loss_channels_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ grad,
+                                       LossOut<scalar_t> loss_out, long long images, long long classes,
+                                       long long spatial, long long input_stride_n, long long input_stride_c,
+                                       SigmoidArgs<typename AccumulateType<scalar_t>::type> a) {
+  using acc_t = typename AccumulateType<scalar_t>::type;
+  using Math = typename ElementwiseMath<scalar_t>::type;
+  constexpr int BATCH = 4;
+  const acc_t forward_scale = sigmoid_forward_scale(a);
+  const bool write_loss = a.reduction == kReductionNone;
+  const long long packs_per_image = spatial / VEC;
+  const long long packs = images * packs_per_image;
+  // The outputs are dense channel-first: (N, C, S) contiguous.
+  const long long out_stride_n = classes * spatial;
+  acc_t thread_loss = 0;
+  unsigned int thread_rows = 0;  // per thread: far below 2^32
+  for (long long pk = static_cast<long long>(blockIdx.x) * kBlock + threadIdx.x; pk < packs;
+       pk += static_cast<long long>(gridDim.x) * kBlock) {
+    const long long n = pk / packs_per_image;
+    const long long s = (pk - n * packs_per_image) * VEC;
+    const scalar_t* base = input + n * input_stride_n + s;
+    const long long out_base = n * out_stride_n + s;
+    RowTarget t[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      t[v] = read_row_target(a, n * spatial + s + v, classes);
+      thread_rows += t[v].valid() ? 1 : 0;
+    }
+    for (long long c0 = 0; c0 < classes; c0 += BATCH) {
+      Packed<scalar_t, VEC> x[BATCH];
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        if (c0 + b < classes) x[b] = load_pack<scalar_t, VEC>(base + (c0 + b) * input_stride_c);
+      }
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        const long long c = c0 + b;
+        if (c >= classes) continue;
+        acc_t loss[VEC];
+        Packed<scalar_t, VEC> g;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          acc_t gk;
+          index_element<Math>(a, to_acc(x[b].v[v]), c == t[v].positive(), t[v].valid(), t[v].ignored(),
+                              forward_scale, loss[v], gk);
+          thread_loss += loss[v];
+          g.v[v] = from_acc<scalar_t>(gk);
+        }
+        if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, out_base + c * spatial, loss);
+        if (a.compute_grad) store_pack<scalar_t, VEC>(grad + out_base + c * spatial, g);
+      }
+    }
+  }
+  sigmoid_reduce_and_finalize<kBlock>(thread_loss, thread_rows, classes, a, loss_out);
 }
 
 }  // namespace device
