@@ -2,6 +2,8 @@
 
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <atomic>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -132,6 +134,24 @@ at::ScalarType plan_loss_dtype(at::ScalarType input_dtype, std::optional<at::Sca
   TORCH_CHECK_VALUE(half_input && *loss_dtype == at::kFloat, op, ": loss_dtype must be None, the input's dtype (",
                     input_dtype, ") or float32 for a float16 / bfloat16 input, got loss_dtype=", *loss_dtype);
   return *loss_dtype;
+}
+
+namespace {
+std::atomic<bool> cuda_target_checks{false};
+}  // namespace
+
+void set_cuda_target_checks(bool enabled) { cuda_target_checks.store(enabled); }
+bool cuda_target_checks_enabled() { return cuda_target_checks.load(); }
+
+void check_targets_on_device(const at::Tensor& target, int64_t valid_end, int64_t ignore_index, const char* op,
+                             const char* what, const std::string& valid_range) {
+  if (target.numel() == 0) return;
+  const auto t = target.to(at::kLong);
+  const auto bad = t.ne(ignore_index).logical_and_(t.lt(0).logical_or_(t.ge(valid_end)));
+  if (!bad.any().item<bool>()) return;  // the synchronisation this mode is for
+  const int64_t i = bad.flatten().nonzero().select(0, 0).item<int64_t>();
+  TORCH_CHECK_INDEX(false, op, ": ", what, " value ", t.flatten()[i].item<int64_t>(), " at flat position ", i,
+                    " is out of range: expected ", valid_range, " or ", what, " == ignore_index=", ignore_index);
 }
 
 at::ScalarType accumulation_type(at::ScalarType input_dtype) {

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "focal_loss_math.h"
@@ -53,6 +54,15 @@ GradOutputLayout check_focal_loss_backward(const at::Tensor& grad_input, const a
 // first touch, an extra pass over memory that costs about as much as the gradient
 // write itself. FOCAL_CUDA_CPU_GRAD_POOL=0 turns the pool off.
 at::Tensor empty_gradient_like(const at::Tensor& like);
+
+// Opt-in check of class-index targets on CUDA (focal_cuda.cuda_target_checks): an
+// index outside [0, valid_end) other than ignore_index raises IndexError naming the
+// first one, as on the CPU, before anything is written. It synchronises with the
+// device, so it is off by default; off, such a target gives NaN at its place.
+void set_cuda_target_checks(bool enabled);
+bool cuda_target_checks_enabled();
+void check_targets_on_device(const at::Tensor& target, int64_t valid_end, int64_t ignore_index, const char* op,
+                             const char* what, const std::string& valid_range);
 
 constexpr const char* kGradientConsumedMessage =
     "focal_cuda: this forward's gradient was already consumed by a backward; a second backward through the same "

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "focal_loss.h"
+
 #ifndef FOCAL_CUDA_BUILT_WITH_CUDA
 #define FOCAL_CUDA_BUILT_WITH_CUDA 0
 #endif
@@ -58,8 +60,19 @@ PyObject* build_info(PyObject*, PyObject*) {
                        FOCAL_CUDA_TORCH_VERSION);
 }
 
+PyObject* set_cuda_target_checks(PyObject*, PyObject* enabled) {
+  focal_cuda::set_cuda_target_checks(PyObject_IsTrue(enabled) == 1);
+  Py_RETURN_NONE;
+}
+
+PyObject* cuda_target_checks_enabled(PyObject*, PyObject*) {
+  return PyBool_FromLong(focal_cuda::cuda_target_checks_enabled() ? 1 : 0);
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this build of focal_cuda was compiled with."},
+    {"set_cuda_target_checks", set_cuda_target_checks, METH_O, "Turn the synchronising CUDA target check on or off."},
+    {"cuda_target_checks_enabled", cuda_target_checks_enabled, METH_NOARGS, "Whether the CUDA target check is on."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -66,7 +66,10 @@ SoftmaxFocalForwardPlan plan_softmax_focal_loss_forward(
                       input.device(), ", got alpha.device=", w.device());
     TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()),
                      "softmax_focal_loss: alpha must be a floating-point tensor, got alpha.dtype=", w.scalar_type());
-    plan.class_weight = w.to(accumulation_type(dtype)).contiguous();
+    // CUDA reads float32 / float64 weights as they are, any stride (no per-call copy or
+    // host synchronisation); the CPU kernels take a contiguous copy in their own dtype.
+    const bool as_is = w.is_cuda() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);
+    plan.class_weight = as_is ? w : w.to(accumulation_type(dtype)).contiguous();
   }
 
   auto strides = collapse_to_ncs_strides(input);

@@ -28,7 +28,9 @@ struct SoftmaxFocalGeometry {
 struct SoftmaxFocalForwardPlan {
   at::Tensor input;   // the logits, possibly made contiguous if their strides do not collapse
   at::Tensor target;  // contiguous, dtype as given
-  std::optional<at::Tensor> class_weight;  // contiguous, accumulation dtype, on the input's device
+  // On the input's device: CPU, contiguous in the accumulation dtype; CUDA, float32 /
+  // float64 as given (any stride).
+  std::optional<at::Tensor> class_weight;
   SoftmaxFocalGeometry geometry;
   TargetKind target_kind = kTargetInt64;
   int64_t reduction = kReductionMean;

@@ -64,18 +64,18 @@ void launch_backward(const at::Tensor& grad_input, at::Tensor& out, const at::Te
     const auto* go_ptr = reinterpret_cast<const dev_t*>(go.const_data_ptr());
     const auto* state_ptr = state.const_data_ptr<acc_t>();
     const int mode = device_layout(layout);
-    const bool vectorizable = layout != GradOutputLayout::kPerPosition && total % kVec == 0 && aligned_16(in_ptr) &&
-                              aligned_16(out_ptr) && (layout == GradOutputLayout::kScalar || aligned_16(go_ptr));
+    const bool vectorizable = layout != GradOutputLayout::kPerPosition && aligned_16(in_ptr) && aligned_16(out_ptr) &&
+                              (layout == GradOutputLayout::kScalar || aligned_16(go_ptr));
+    auto launch = [&](auto kernel, int64_t work_per_block) {
+      const int64_t grid = resident_grid(kernel, device::kBlock, 0, (total + work_per_block - 1) / work_per_block);
+      kernel<<<grid, device::kBlock, 0, stream>>>(in_ptr, out_ptr, g, go_ptr, mode, state_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (vectorizable) {
-      const int64_t grid = grid_size(total / kVec, kBlock, kBlock);
-      device::focal_loss_backward_kernel<dev_t, kBlock, kVec>
-          <<<grid, kBlock, 0, stream>>>(in_ptr, out_ptr, g, go_ptr, mode, state_ptr);
+      launch(device::focal_loss_backward_kernel<dev_t, device::kBlock, kVec>, int64_t(device::kBlock) * kVec * 2);
     } else {
-      const int64_t grid = grid_size(total, kBlock, kBlock);
-      device::focal_loss_backward_kernel<dev_t, kBlock, 1>
-          <<<grid, kBlock, 0, stream>>>(in_ptr, out_ptr, g, go_ptr, mode, state_ptr);
+      launch(device::focal_loss_backward_kernel<dev_t, device::kBlock, 1>, int64_t(device::kBlock) * 4);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -105,11 +105,24 @@ __device__ __forceinline__ acc_t element_gamma(const GammaSchedule<acc_t>& sched
   return schedule.pieces > 1 ? scheduled_gamma(schedule, sigmoid_p_t<acc_t, Math>(x, y)) : schedule.gammas[0];
 }
 
-// n / d by one multiply-high (Granlund and Montgomery), for 0 <= n < 2^63.
+// n / d by one multiply-high (Granlund and Montgomery, 1994), for 0 <= n < 2^63.
 struct FastDivider {
   unsigned long long divisor;
   unsigned long long magic;  // floor(2^64 (2^shift - d) / d) + 1
   int shift;                 // ceil(log2(d))
+
+  // Host side, for the launchers.
+  static FastDivider make(long long d) {
+    FastDivider f{static_cast<unsigned long long>(d), 0, 0};
+    if (d <= 1) return f;
+    while ((1ULL << f.shift) < f.divisor) ++f.shift;
+    const unsigned __int128 numerator =
+        (static_cast<unsigned __int128>(1) << 64) * ((static_cast<unsigned __int128>(1) << f.shift) - f.divisor);
+    f.magic = static_cast<unsigned long long>(numerator / f.divisor) + 1;
+    return f;
+  }
+
+  // n < 2^63, so the sum below cannot overflow.
   __device__ __forceinline__ long long divide(long long n) const {
     if (divisor == 1) return n;
     const unsigned long long u = static_cast<unsigned long long>(n);

@@ -1,6 +1,6 @@
 // CUDA launcher for focal_cuda::softmax_focal_loss_forward.
-// Device code lives in softmax_focal_loss_kernels.cuh; this file picks the
-// thread mapping, allocates the workspace and launches on the current stream.
+// Device code lives in softmax_focal_loss_kernels.cuh; this file picks the kernel
+// and its thread mapping, allocates the workspace and launches on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <string>
 #include <type_traits>
 
 #include "../softmax_focal_loss.h"
@@ -23,54 +25,148 @@ device::Geometry device_geometry(const SoftmaxFocalGeometry& g) {
                           g.input_stride_s, g.grad_stride_n,  g.grad_stride_c, g.grad_stride_s};
 }
 
+template <typename acc_t>
+GammaSchedule<acc_t> device_gamma_schedule(const GammaSchedulePlan& plan) {
+  GammaSchedule<acc_t> s{};
+  const int thresholds = static_cast<int>(plan.thresholds.size());
+  s.pieces = thresholds + 1;
+  for (int k = 0; k < thresholds; ++k) {
+    // Rounded up: p < t in acc_t then means (double)p < t as given.
+    acc_t t = static_cast<acc_t>(plan.thresholds[k]);
+    if (static_cast<double>(t) < plan.thresholds[k]) t = std::nextafter(t, std::numeric_limits<acc_t>::infinity());
+    s.thresholds[k] = t;
+    s.gammas[k] = static_cast<acc_t>(plan.values[k]);
+  }
+  s.gammas[thresholds] = static_cast<acc_t>(plan.gamma);
+  return s;
+}
+
+// The mapping of threads to the logits, from the layout and C (docs/design.md, section 7).
+enum class SoftmaxKernel { kRows, kLongRows, kChannels, kPositions };
+
+struct SoftmaxLaunch {
+  SoftmaxKernel kernel;
+  int group = 1;        // rows: lanes per position
+  bool staged = false;  // long rows / positions: logits kept in shared memory
+  bool small_tile = false;  // channels: the small register tile
+  size_t dynamic_smem = 0;
+};
+
 template <typename scalar_t>
-void launch_forward(const SoftmaxFocalForwardPlan& plan, const SoftmaxFocalForwardOutputs& out,
-                    device::ForwardArgs<typename device::AccumulateType<scalar_t>::type> args, cudaStream_t stream) {
+SoftmaxLaunch choose_kernel(const SoftmaxFocalForwardPlan& plan) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const auto& g = plan.geometry;
+  const int64_t C = g.classes;
+  const bool grad = plan.compute_grad;
+  SoftmaxLaunch l{SoftmaxKernel::kPositions};
+  const bool class_contiguous = g.input_stride_c == 1 && (!grad || g.grad_stride_c == 1);
+  if (class_contiguous) {
+    for (int group = 1; group <= device::kBlock; group *= 2) {
+      if (int64_t(group) * device::RowsTile<scalar_t>::SLOTS * kVec - (kVec - 1) >= C) {
+        l.kernel = SoftmaxKernel::kRows;
+        l.group = group;
+        return l;
+      }
+    }
+    l.kernel = SoftmaxKernel::kLongRows;
+    const size_t staging = static_cast<size_t>((C + 2 * kVec) * sizeof(scalar_t) + 15) / 16 * 16;
+    l.staged = staging <= max_dynamic_shared_memory();
+    l.dynamic_smem = l.staged ? staging : 0;
+    return l;
+  }
+  // Neighbouring positions adjacent in memory (channel-first, or a transposed (N, C)),
+  // 32-bit class offsets.
+  const bool positions_contiguous = (g.spatial == 1 || (g.input_stride_s == 1 && (!grad || g.grad_stride_s == 1)));
+  const int64_t int_max = std::numeric_limits<int>::max();
+  const bool small_offsets = (C - 1) * g.input_stride_c <= int_max && (!grad || (C - 1) * g.grad_stride_c <= int_max);
+  if (positions_contiguous && small_offsets && C <= device::channels_max_classes<scalar_t>()) {
+    l.kernel = SoftmaxKernel::kChannels;
+    l.small_tile = C <= device::channels_small_classes<scalar_t>();
+    return l;
+  }
+  const size_t staging = static_cast<size_t>(device::kBlock) * C * sizeof(scalar_t);
+  l.staged = staging <= max_dynamic_shared_memory();
+  l.dynamic_smem = l.staged ? staging : 0;
+  return l;
+}
+
+template <typename scalar_t>
+int64_t launch_forward(const SoftmaxFocalForwardPlan& plan, const SoftmaxFocalForwardOutputs& out,
+                       const device::SoftmaxArgs<typename device::AccumulateType<scalar_t>::type>& args,
+                       const SoftmaxLaunch& l, cudaStream_t stream, bool dry_run) {
   const auto& g = plan.geometry;
   const device::Geometry dg = device_geometry(g);
   const auto* input = reinterpret_cast<const scalar_t*>(plan.input.const_data_ptr());
   auto* grad = plan.compute_grad ? reinterpret_cast<scalar_t*>(out.grad.data_ptr()) : nullptr;
-  auto* loss = reinterpret_cast<scalar_t*>(out.loss.data_ptr());
+  const device::LossOut<scalar_t> loss{out.loss.data_ptr(), out.loss.scalar_type() != plan.input.scalar_type()};
   const int64_t positions = g.positions();
-  const int64_t C = g.classes;
-
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool class_contiguous = g.input_stride_c == 1 && (!plan.compute_grad || g.grad_stride_c == 1);
-  const bool vectorizable = class_contiguous && C % kVec == 0 && g.input_stride_n % kVec == 0 &&
-                            g.input_stride_s % kVec == 0 && aligned_16(input) &&
-                            (!plan.compute_grad || (g.grad_stride_n % kVec == 0 && g.grad_stride_s % kVec == 0 &&
-                                                    aligned_16(grad)));
-  // Few positions with many classes each: spread every row over threads even when
-  // the class stride is not 1, or a thread per position would leave the GPU idle.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool few_long_rows = C > 256 && positions < static_cast<int64_t>(sms) * kBlock;
-  auto launch_rows = [&](auto group_tag, auto vec_tag, auto block_tag) {
-    constexpr int kGroup = decltype(group_tag)::value;
-    constexpr int kV = decltype(vec_tag)::value;
-    constexpr int kThreads = decltype(block_tag)::value;
-    const int64_t grid = grid_size(positions, kThreads / kGroup, kThreads);
-    device::softmax_focal_loss_rows_kernel<scalar_t, kThreads, kGroup, kV>
-        <<<grid, kThreads, 0, stream>>>(input, grad, loss, dg, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  using Block = std::integral_constant<int, kBlock>;
-  using RowBlock = std::integral_constant<int, kRowBlock>;
-  using Vec = std::integral_constant<int, kVec>;
-  using Scalar = std::integral_constant<int, 1>;
-  if ((class_contiguous && C > 8) || few_long_rows) {
-    if (C <= 128) {
-      vectorizable ? launch_rows(std::integral_constant<int, 8>{}, Vec{}, Block{})
-                   : launch_rows(std::integral_constant<int, 8>{}, Scalar{}, Block{});
-    } else if (C <= 4096) {
-      vectorizable ? launch_rows(std::integral_constant<int, 32>{}, Vec{}, Block{})
-                   : launch_rows(std::integral_constant<int, 32>{}, Scalar{}, Block{});
-    } else {
-      vectorizable ? launch_rows(RowBlock{}, Vec{}, RowBlock{}) : launch_rows(RowBlock{}, Scalar{}, RowBlock{});
+  // Grid of kernel with `threads` per block for `blocks_needed`; launched unless dry_run.
+  auto run = [&](auto kernel, int threads, int64_t blocks_needed) {
+    const int64_t grid = resident_grid(kernel, threads, l.dynamic_smem, blocks_needed);
+    if (!dry_run) {
+      kernel<<<grid, threads, l.dynamic_smem, stream>>>(input, grad, loss, dg, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  } else {
-    const int64_t grid = grid_size(positions, kBlock, kBlock);
-    device::softmax_focal_loss_channels_kernel<scalar_t, kBlock><<<grid, kBlock, 0, stream>>>(input, grad, loss, dg, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return grid;
+  };
+  constexpr int kBlock = device::kBlock;
+  switch (l.kernel) {
+    case SoftmaxKernel::kRows: {
+      const int64_t per_block = kBlock / l.group;
+      const int64_t blocks = (positions + per_block - 1) / per_block;
+      switch (l.group) {
+        case 1: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 1>, kBlock, blocks);
+        case 2: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 2>, kBlock, blocks);
+        case 4: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 4>, kBlock, blocks);
+        case 8: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 8>, kBlock, blocks);
+        case 16: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 16>, kBlock, blocks);
+        case 32: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 32>, kBlock, blocks);
+        case 64: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 64>, kBlock, blocks);
+        case 128: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 128>, kBlock, blocks);
+        default: return run(device::softmax_focal_loss_rows_kernel<scalar_t, 256>, kBlock, blocks);
+      }
+    }
+    case SoftmaxKernel::kLongRows: {
+      constexpr int kThreads = device::long_rows_block<scalar_t>();
+      return l.staged ? run(device::softmax_focal_loss_long_rows_kernel<scalar_t, kThreads, true>, kThreads, positions)
+                      : run(device::softmax_focal_loss_long_rows_kernel<scalar_t, kThreads, false>, kThreads, positions);
+    }
+    case SoftmaxKernel::kChannels: {
+      const int64_t blocks = (positions + kBlock - 1) / kBlock;
+      return l.small_tile
+                 ? run(device::softmax_focal_loss_channels_kernel<scalar_t, device::channels_small_classes<scalar_t>()>,
+                       kBlock, blocks)
+                 : run(device::softmax_focal_loss_channels_kernel<scalar_t, device::channels_max_classes<scalar_t>()>,
+                       kBlock, blocks);
+    }
+    case SoftmaxKernel::kPositions:
+    default: {
+      constexpr int kBatch = device::positions_batch<scalar_t>();
+      const int64_t blocks = (positions + kBlock - 1) / kBlock;
+      return l.staged ? run(device::softmax_focal_loss_positions_kernel<scalar_t, kBatch, true>, kBlock, blocks)
+                      : run(device::softmax_focal_loss_positions_kernel<scalar_t, kBatch, false>, kBlock, blocks);
+    }
+  }
+}
+
+template <typename target_t, typename acc_t>
+void launch_count(const SoftmaxFocalForwardPlan& plan, int64_t ignore_index, ReductionWorkspace& workspace,
+                  acc_t* state, int64_t grid, cudaStream_t stream) {
+  device::count_valid_targets_kernel<device::kBlock, target_t, acc_t><<<grid, device::kBlock, 0, stream>>>(
+      reinterpret_cast<const target_t*>(plan.target.const_data_ptr()), plan.geometry.positions(), plan.geometry.classes,
+      ignore_index, 1LL, workspace.partial_count, workspace.tickets + 1, state);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+int64_t count_grid(const SoftmaxFocalForwardPlan& plan) {
+  const int64_t positions = plan.geometry.positions();
+  auto grid = [&](auto kernel) { return resident_grid(kernel, device::kBlock, 0, (positions + 4095) / 4096); };
+  switch (plan.target_kind) {
+    case kTargetUInt8: return grid(device::count_valid_targets_kernel<device::kBlock, unsigned char, acc_t>);
+    case kTargetInt16: return grid(device::count_valid_targets_kernel<device::kBlock, short, acc_t>);
+    case kTargetInt32: return grid(device::count_valid_targets_kernel<device::kBlock, int, acc_t>);
+    default: return grid(device::count_valid_targets_kernel<device::kBlock, long long, acc_t>);
   }
 }
 
@@ -81,43 +177,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cuda(
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
                                               compute_grad, gamma_thresholds, gamma_values, loss_dtype);
-  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant() && plan.loss_dtype == input.scalar_type(),
-                              "softmax_focal_loss: gamma schedules and loss_dtype are not implemented yet on CUDA");
   const c10::cuda::CUDAGuard device_guard(input.device());
+  TORCH_CHECK_VALUE(plan.geometry.classes <= std::numeric_limits<int>::max(),
+                    "softmax_focal_loss: at most 2^31 - 1 classes on CUDA, got input.shape=", input.sizes());
+  if (cuda_target_checks_enabled()) {
+    check_targets_on_device(plan.target, plan.geometry.classes, ignore_index, "softmax_focal_loss", "target",
+                            "0 <= target < " + std::to_string(plan.geometry.classes) + " (the number of classes)");
+  }
   auto out = allocate_softmax_focal_loss_outputs(plan);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto& g = plan.geometry;
-  const int64_t positions = g.positions();
   const auto acc_type = accumulation_type(plan.input.scalar_type());
   const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc_type));
-
-  const int64_t max_blocks = std::max<int64_t>(grid_size(positions, 1, kBlock), grid_size(positions, 1, kRowBlock));
-  ReductionWorkspace workspace(max_blocks, acc_size, input.options(), stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.input.scalar_type(), "softmax_focal_loss_forward_cuda", [&] {
     using dev_t = typename DeviceScalar<scalar_t>::type;
     using acc_t = typename device::AccumulateType<dev_t>::type;
-    device::ForwardArgs<acc_t> args;
+    device::SoftmaxArgs<acc_t> args{};
     args.target = plan.target.const_data_ptr();
     args.target_kind = plan.target_kind;
+    args.ignore_index = ignore_index;
     args.reduction = static_cast<int>(reduction);
     args.compute_grad = compute_grad;
-    args.ignore_index = ignore_index;
-    args.gamma = static_cast<acc_t>(gamma);
     args.alpha = static_cast<acc_t>(alpha);
-    args.class_weight = plan.class_weight.has_value() ? plan.class_weight->const_data_ptr<acc_t>() : nullptr;
+    args.class_weight = nullptr;
+    if (plan.class_weight.has_value()) {
+      args.class_weight = plan.class_weight->const_data_ptr();
+      args.class_weight_double = plan.class_weight->scalar_type() == at::kDouble;
+      args.class_weight_stride = plan.class_weight->stride(0);
+    }
+    args.gamma = device_gamma_schedule<acc_t>(plan.gamma_schedule);
     args.fold_mean_into_forward = plan.fold_mean_into_forward;
     args.state = out.state.data_ptr<acc_t>();
+    const SoftmaxLaunch l = choose_kernel<dev_t>(plan);
+    const int64_t grid = launch_forward<dev_t>(plan, out, args, l, stream, /*dry_run=*/true);
+    const int64_t counting_grid = plan.fold_mean_into_forward ? count_grid<acc_t>(plan) : 1;
+    ReductionWorkspace workspace(std::max(grid, counting_grid), acc_size, input.options(), stream);
     args.partial_loss = static_cast<acc_t*>(workspace.partial_loss);
     args.partial_count = workspace.partial_count;
     args.ticket = workspace.tickets;
     if (plan.fold_mean_into_forward) {
-      const int64_t grid = grid_size(positions, kBlock, kBlock);
-      device::count_valid_targets_kernel<kBlock, acc_t><<<grid, kBlock, 0, stream>>>(
-          args.target, args.target_kind, positions, g.classes, ignore_index, 1LL, args.partial_count,
-          workspace.tickets + 1, args.state);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      switch (plan.target_kind) {
+        case kTargetUInt8: launch_count<unsigned char>(plan, ignore_index, workspace, args.state, counting_grid, stream); break;
+        case kTargetInt16: launch_count<short>(plan, ignore_index, workspace, args.state, counting_grid, stream); break;
+        case kTargetInt32: launch_count<int>(plan, ignore_index, workspace, args.state, counting_grid, stream); break;
+        default: launch_count<long long>(plan, ignore_index, workspace, args.state, counting_grid, stream); break;
+      }
     }
-    launch_forward<dev_t>(plan, out, args, stream);
+    launch_forward<dev_t>(plan, out, args, l, stream, /*dry_run=*/false);
   });
   return {out.loss, out.grad, out.state};
 }

@@ -30,7 +30,11 @@ struct SoftmaxArgs {
   int reduction;
   bool compute_grad;
   acc_t alpha;
-  const acc_t* class_weight;  // nullptr: no per-class weight
+  // Per-class weights as given (float32 or float64, any stride: a 0-dim alpha is a
+  // stride-0 view), read without a conversion copy; nullptr: none.
+  const void* class_weight;
+  bool class_weight_double;
+  long long class_weight_stride;
   GammaSchedule<acc_t> gamma;
   bool fold_mean_into_forward;
   // [forward gradient scale, backward gradient scale, consumed flag]. With
@@ -97,7 +101,12 @@ __device__ __forceinline__ PositionResult<acc_t> position_result(const SoftmaxAr
     return PositionResult<acc_t>{nan, nan, nan};
   }
   const acc_t log_p = x_t - m - math_log(s);
-  const acc_t alpha = a.class_weight ? a.alpha * a.class_weight[t.index] : a.alpha;
+  acc_t alpha = a.alpha;
+  if (a.class_weight != nullptr) {
+    const long long w = t.index * a.class_weight_stride;
+    alpha *= a.class_weight_double ? static_cast<acc_t>(static_cast<const double*>(a.class_weight)[w])
+                                   : static_cast<acc_t>(static_cast<const float*>(a.class_weight)[w]);
+  }
   const acc_t gamma = a.gamma.pieces > 1 ? scheduled_gamma(a.gamma, math_exp(log_p)) : a.gamma.gammas[0];
   const FocalTerms<acc_t> terms = focal_terms(log_p, gamma, alpha);
   PositionResult<acc_t> r;

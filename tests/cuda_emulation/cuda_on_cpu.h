@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -56,6 +57,9 @@
 
 #undef __shared__
 #define __shared__ static  // see above: blocks run sequentially
+// extern __shared__: the launch's per-block buffer (launch_in_order_smem).
+#define FOCAL_DYNAMIC_SHARED_MEMORY(name) \
+  unsigned char* name = reinterpret_cast<unsigned char*>(cuda_on_cpu::current.block->dynamic_shared.data())
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
@@ -192,9 +196,16 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int threads) : barrier(threads, "__syncthreads"), warps(threads / 32) {}
+  Block(int threads, size_t dynamic_smem)
+      : barrier(threads, "__syncthreads"), warps(threads / 32), dynamic_shared((dynamic_smem + 15) / 16) {}
   Barrier barrier;
   std::vector<Warp> warps;
+  // extern __shared__ memory (FOCAL_DYNAMIC_SHARED_MEMORY), 16-byte aligned, filled with
+  // 0xff bytes (NaN) at block start: a kernel reading a slot it did not write sees NaN.
+  struct alignas(16) Chunk {
+    unsigned char bytes[16];
+  };
+  std::vector<Chunk> dynamic_shared;
 };
 
 struct ThreadContext {
@@ -244,6 +255,15 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value, std::memory_order_seq_cst);
+}
+
+// Fast-math intrinsics: their host equivalents (the emulation checks the kernels'
+// logic, not the last ulp of the GPU's approximations).
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
 }
 
 inline float __int_as_float(int x) {
@@ -403,8 +423,8 @@ class ThreadPool {
 // shuffle, or if a block did not finish within launch_timeout. Not reentrant: one
 // launch at a time per process.
 template <typename... Params, typename... Args>
-void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params...), dim3 grid, dim3 block,
-                     Args&&... args) {
+void launch_in_order_smem(const std::vector<unsigned>& order, size_t dynamic_smem, void (*kernel)(Params...),
+                          dim3 grid, dim3 block, Args&&... args) {
   if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1)
     throw EmulationError("only 1-D launches are emulated");
   if (block.x == 0 || block.x % 32 != 0) throw EmulationError("block size must be a positive multiple of 32");
@@ -412,7 +432,8 @@ void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params..
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);  // kernel arguments, by value
   first_error.clear();
   for (const unsigned b : order) {
-    Block blk(static_cast<int>(block.x));
+    Block blk(static_cast<int>(block.x), dynamic_smem);
+    std::memset(blk.dynamic_shared.data(), 0xff, blk.dynamic_shared.size() * sizeof(Block::Chunk));
     const std::function<void(unsigned)> thread_body = [&](unsigned t) {
       threadIdx = uint3{t, 0, 0};
       blockIdx = uint3{b, 0, 0};
@@ -435,6 +456,12 @@ void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params..
     });
     if (!first_error.empty()) throw EmulationError("block " + std::to_string(b) + ": " + first_error);
   }
+}
+
+template <typename... Params, typename... Args>
+void launch_in_order(const std::vector<unsigned>& order, void (*kernel)(Params...), dim3 grid, dim3 block,
+                     Args&&... args) {
+  launch_in_order_smem(order, 0, kernel, grid, block, std::forward<Args>(args)...);
 }
 
 template <typename... Params, typename... Args>

@@ -8,6 +8,9 @@
 // [rows, classes, spatial, input_stride_n, _c, _s, grad_stride_n, _c, _s], an
 // explicit grid size and a block order (0 ascending, 1 descending, other values
 // a seeded permutation). They return 0, or 1 with a message in emu_last_error().
+// Each entry point checks the preconditions the launcher guarantees before it
+// picks that kernel (alignment, strides, C within a register tile), so a test
+// cannot pass by running a kernel where the launcher never would.
 // The workspace mirrors softmax_focal_loss_kernel.cu: per-block partial losses
 // (padded to 16 bytes), per-block partial counts, then two zeroed tickets
 // (forward, counting); the partials start as 0xff bytes (NaN, -1) so that a
@@ -19,7 +22,9 @@
 #include "cuda/sigmoid_focal_loss_kernels.cuh"
 #include "cuda/softmax_focal_loss_kernels.cuh"
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -29,11 +34,20 @@ namespace emu = cuda_on_cpu;
 
 namespace {
 
-constexpr int kBlock = 256;     // as the launcher: channels, rows with GROUP <= 32, backward, counting
-constexpr int kRowBlock = 512;  // rows kernel with one position per block
+constexpr int kBlock = fd::kBlock;
 
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-enum Variant : int { kChannels = 0, kRowsGroup8 = 1, kRowsGroup32 = 2, kRowsBlock = 3 };
+// Softmax kernels: rows with GROUP = 1 << code (codes 0..8), long rows, channels
+// (the small or the largest register tile), positions.
+enum Variant : int {
+  kRowsGroupMax = 8,
+  kLongRows = 10,
+  kLongRowsStaged = 11,
+  kChannelsSmall = 20,
+  kChannels = 21,
+  kPositions = 30,
+  kPositionsStaged = 31,
+};
 
 std::string last_error;
 
@@ -91,84 +105,128 @@ int guarded(F&& body) {
 
 template <typename acc_t>
 void run_count(long long grid, unsigned long long order, const void* target, int target_kind, long long positions,
-               long long classes, long long ignore_index, long long* partial_count, unsigned int* ticket,
-               acc_t* state) {
+               long long classes, long long ignore_index, long long items_per_target, long long* partial_count,
+               unsigned int* ticket, acc_t* state) {
   require(grid >= 1, "grid must be >= 1");
-  emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
-                       &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(grid)), dim3(kBlock),
-                       target, target_kind, positions, classes, ignore_index, 1LL, partial_count, ticket, state);
+  auto go = [&](auto tag) {
+    using target_t = decltype(tag);
+    emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
+                         &fd::count_valid_targets_kernel<kBlock, target_t, acc_t>, dim3(static_cast<unsigned>(grid)),
+                         dim3(kBlock), static_cast<const target_t*>(target), positions, classes, ignore_index,
+                         items_per_target, partial_count, ticket, state);
+  };
+  switch (target_kind) {
+    case focal_cuda::kTargetUInt8: return go((unsigned char)0);
+    case focal_cuda::kTargetInt16: return go(short(0));
+    case focal_cuda::kTargetInt32: return go(int(0));
+    default: return go(0LL);
+  }
 }
 
-// The launcher's `vectorizable` condition: VEC-wide accesses need unit class
-// strides, C and the row strides multiples of VEC, and 16-byte aligned bases.
-template <typename scalar_t>
-void check_vectorizable(const fd::Geometry& g, const void* input, const void* grad, bool compute_grad) {
-  constexpr long long kVec = 16 / sizeof(scalar_t);
-  require(g.input_stride_c == 1 && (!compute_grad || g.grad_stride_c == 1), "VEC variant needs unit class strides");
-  require(g.classes % kVec == 0 && g.input_stride_n % kVec == 0 && g.input_stride_s % kVec == 0 && aligned_16(input),
-          "VEC variant needs C and the input row strides multiples of VEC and an aligned input");
-  require(!compute_grad || (g.grad_stride_n % kVec == 0 && g.grad_stride_s % kVec == 0 && aligned_16(grad)),
-          "VEC variant needs gradient row strides multiples of VEC and an aligned gradient");
+template <typename acc_t>
+focal_cuda::GammaSchedule<acc_t> schedule(double gamma, const double* thresholds, const double* values, int n) {
+  require(n >= 0 && n < focal_cuda::kMaxGammaPieces, "at most kMaxGammaPieces - 1 thresholds");
+  focal_cuda::GammaSchedule<acc_t> s{};
+  s.pieces = n + 1;
+  for (int k = 0; k < n; ++k) {
+    acc_t t = static_cast<acc_t>(thresholds[k]);  // rounded up, as the launcher does
+    if (static_cast<double>(t) < thresholds[k]) t = std::nextafter(t, std::numeric_limits<acc_t>::infinity());
+    s.thresholds[k] = t;
+    s.gammas[k] = static_cast<acc_t>(values[k]);
+  }
+  s.gammas[n] = static_cast<acc_t>(gamma);
+  return s;
 }
 
 template <typename scalar_t>
-void run_forward(int variant, int vec, long long grid, long long count_grid, unsigned long long order,
-                 const void* input_ptr, void* grad_ptr, void* loss_ptr, const long long* geometry, const void* target,
-                 int target_kind, int reduction, int compute_grad, long long ignore_index, double gamma, double alpha,
-                 const void* class_weight, int fold_mean_into_forward, void* state) {
+void run_forward(int variant, long long grid, long long count_grid, unsigned long long order, const void* input_ptr,
+                 void* grad_ptr, void* loss_ptr, int loss_acc_dtype, const long long* geometry, const void* target,
+                 int target_kind, int reduction, int compute_grad, long long ignore_index, double gamma,
+                 const double* thresholds, const double* values, int n_thresholds, double alpha,
+                 const void* class_weight, int class_weight_double, long long class_weight_stride,
+                 int fold_mean_into_forward, void* state) {
   using acc_t = typename fd::AccumulateType<scalar_t>::type;
   constexpr int kVec = 16 / sizeof(scalar_t);
   require(grid >= 1, "grid must be >= 1");
-  require(vec == 0 || vec == 1, "vec must be 0 (scalar accesses) or 1 (16-byte accesses)");
   const fd::Geometry g = to_geometry(geometry);
   const auto* input = static_cast<const scalar_t*>(input_ptr);
   auto* grad = compute_grad ? static_cast<scalar_t*>(grad_ptr) : nullptr;
-  auto* loss = static_cast<scalar_t*>(loss_ptr);
-  if (vec) {
-    require(variant != kChannels, "the channels kernel has no VEC variant");
-    check_vectorizable<scalar_t>(g, input, grad, compute_grad);
-  }
+  const fd::LossOut<scalar_t> loss{loss_ptr, loss_acc_dtype != 0};
 
   Workspace<acc_t> ws(std::max(grid, fold_mean_into_forward ? count_grid : 1LL));
-  fd::ForwardArgs<acc_t> args;
+  fd::SoftmaxArgs<acc_t> args{};
   args.target = target;
   args.target_kind = target_kind;
+  args.ignore_index = ignore_index;
   args.reduction = reduction;
   args.compute_grad = compute_grad != 0;
-  args.ignore_index = ignore_index;
-  args.gamma = static_cast<acc_t>(gamma);
   args.alpha = static_cast<acc_t>(alpha);
-  args.class_weight = static_cast<const acc_t*>(class_weight);
+  args.class_weight = class_weight;
+  args.class_weight_double = class_weight_double != 0;
+  args.class_weight_stride = class_weight_stride;
+  args.gamma = schedule<acc_t>(gamma, thresholds, values, n_thresholds);
   args.fold_mean_into_forward = fold_mean_into_forward != 0;
   args.state = static_cast<acc_t*>(state);
   args.partial_loss = ws.partial_loss();
   args.partial_count = ws.partial_count();
   args.ticket = ws.tickets();
   if (fold_mean_into_forward) {
-    run_count<acc_t>(count_grid, order, target, target_kind, g.rows * g.spatial, g.classes, ignore_index,
+    run_count<acc_t>(count_grid, order, target, target_kind, g.rows * g.spatial, g.classes, ignore_index, 1LL,
                      args.partial_count, ws.tickets() + 1, args.state);
   }
 
+  // The launcher's preconditions for each kernel (softmax_focal_loss_kernel.cu, choose_kernel).
+  const bool class_contiguous = g.input_stride_c == 1 && (!compute_grad || g.grad_stride_c == 1);
+  const bool positions_contiguous =
+      g.spatial == 1 || (g.input_stride_s == 1 && (!compute_grad || g.grad_stride_s == 1));
   const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
-  auto go = [&](auto kernel, int threads) {
-    emu::launch_in_order(blocks, kernel, dim3(static_cast<unsigned>(grid)), dim3(threads), input, grad, loss, g, args);
+  auto go = [&](auto kernel, int threads, size_t smem) {
+    emu::launch_in_order_smem(blocks, smem, kernel, dim3(static_cast<unsigned>(grid)), dim3(threads), input, grad,
+                              loss, g, args);
   };
+  if (variant >= 0 && variant <= kRowsGroupMax) {
+    const int group = 1 << variant;
+    require(class_contiguous, "the rows kernel needs unit class strides");
+    require(group * fd::RowsTile<scalar_t>::SLOTS * kVec - (kVec - 1) >= g.classes,
+            "the rows kernel's register tile must hold C + VEC - 1 elements");
+    switch (group) {
+      case 1: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 1>, kBlock, 0);
+      case 2: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 2>, kBlock, 0);
+      case 4: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 4>, kBlock, 0);
+      case 8: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 8>, kBlock, 0);
+      case 16: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 16>, kBlock, 0);
+      case 32: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 32>, kBlock, 0);
+      case 64: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 64>, kBlock, 0);
+      case 128: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 128>, kBlock, 0);
+      default: return go(&fd::softmax_focal_loss_rows_kernel<scalar_t, 256>, kBlock, 0);
+    }
+  }
+  constexpr int kLongThreads = fd::long_rows_block<scalar_t>();
+  constexpr int kBatch = fd::positions_batch<scalar_t>();
   switch (variant) {
-    case kChannels:
-      go(&fd::softmax_focal_loss_channels_kernel<scalar_t, kBlock>, kBlock);
-      break;
-    case kRowsGroup8:
-      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 8, kVec>, kBlock)
-          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 8, 1>, kBlock);
-      break;
-    case kRowsGroup32:
-      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 32, kVec>, kBlock)
-          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kBlock, 32, 1>, kBlock);
-      break;
-    case kRowsBlock:
-      vec ? go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kRowBlock, kRowBlock, kVec>, kRowBlock)
-          : go(&fd::softmax_focal_loss_rows_kernel<scalar_t, kRowBlock, kRowBlock, 1>, kRowBlock);
-      break;
+    case kLongRows:
+      require(class_contiguous, "the long-rows kernel needs unit class strides");
+      return go(&fd::softmax_focal_loss_long_rows_kernel<scalar_t, kLongThreads, false>, kLongThreads, 0);
+    case kLongRowsStaged:
+      require(class_contiguous, "the long-rows kernel needs unit class strides");
+      return go(&fd::softmax_focal_loss_long_rows_kernel<scalar_t, kLongThreads, true>, kLongThreads,
+                static_cast<size_t>((g.classes + 2 * kVec) * sizeof(scalar_t) + 15) / 16 * 16);
+    case kChannelsSmall:
+    case kChannels: {
+      require(positions_contiguous, "the channels kernel needs neighbouring positions adjacent in memory");
+      const bool small = variant == kChannelsSmall;
+      require(g.classes <= (small ? fd::channels_small_classes<scalar_t>() : fd::channels_max_classes<scalar_t>()),
+              "C must fit the channels kernel's register tile");
+      return small ? go(&fd::softmax_focal_loss_channels_kernel<scalar_t, fd::channels_small_classes<scalar_t>()>,
+                        kBlock, 0)
+                   : go(&fd::softmax_focal_loss_channels_kernel<scalar_t, fd::channels_max_classes<scalar_t>()>,
+                        kBlock, 0);
+    }
+    case kPositions:
+      return go(&fd::softmax_focal_loss_positions_kernel<scalar_t, kBatch, false>, kBlock, 0);
+    case kPositionsStaged:
+      return go(&fd::softmax_focal_loss_positions_kernel<scalar_t, kBatch, true>, kBlock,
+                static_cast<size_t>(kBlock) * g.classes * sizeof(scalar_t));
     default:
       throw emu::EmulationError("unknown variant");
   }
@@ -187,12 +245,15 @@ void run_backward(int vec, long long grid, unsigned long long order, const void*
   const auto* go_ptr = static_cast<const scalar_t*>(grad_output);
   const auto* state_ptr = static_cast<const acc_t*>(state);
   if (vec) {
-    // As the launcher: only for a scalar grad_output over dense, aligned buffers.
-    require(scalar_grad_output != 0, "the VEC backward is for a scalar grad_output only");
-    require(g.rows * g.classes * g.spatial % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr),
-            "the VEC backward needs numel % VEC == 0 and aligned buffers");
+    // As the launcher: a scalar grad_output over 16-byte aligned dense buffers, walked as (numel, 1, 1).
+    require(scalar_grad_output != 0, "the VEC backward is for a scalar grad_output here");
+    require(aligned_16(in_ptr) && aligned_16(out_ptr), "the VEC backward needs aligned buffers");
+    fd::Geometry flat{};
+    flat.rows = g.rows * g.classes * g.spatial;
+    flat.classes = 1;
+    flat.spatial = 1;
     emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
-                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr,
+                         dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, flat, go_ptr,
                          fd::kGradOutputScalar, state_ptr);
   } else {
     emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, 1>,
@@ -205,33 +266,41 @@ void run_backward(int vec, long long grid, unsigned long long order, const void*
 
 // Which sigmoid kernel: dense targets in the input's dtype, dense targets in the
 // accumulation dtype (float targets for half / bfloat16 input; for float and
-// double the same instantiation as kDenseSame), index targets with GROUP 8 or 32.
-enum SigmoidVariant : int { kDenseSame = 0, kDenseAcc = 1, kIndexGroup8 = 2, kIndexGroup32 = 3 };
+// double the same instantiation as kDenseSame), index targets with the classes
+// last (flat packs), index targets channel-first.
+enum SigmoidVariant : int { kDenseSame = 0, kDenseAcc = 1, kIndex = 2, kIndexChannels = 3 };
 
 bool aligned_to(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
+// images x classes x spatial logits: classes last (spatial == 1, images = rows), or
+// channel-first with the given image and class strides (unit spatial stride).
 template <typename scalar_t>
 void run_sigmoid_forward(int variant, int vec, long long grid, long long count_grid, unsigned long long order,
                          const void* input_ptr, const void* target, int target_kind, void* grad_ptr, void* loss_ptr,
-                         long long rows, long long classes, int reduction, int compute_grad, long long ignore_index,
-                         double gamma, double alpha, const void* normalizer, int has_host_normalizer,
+                         int loss_acc_dtype, long long images, long long classes, long long spatial,
+                         long long input_stride_n, long long input_stride_c, int reduction, int compute_grad,
+                         long long ignore_index, double gamma, const double* thresholds, const double* values,
+                         int n_thresholds, double alpha, const void* normalizer, int has_host_normalizer,
                          double host_normalizer, int fold_mean_into_forward, void* state) {
   using acc_t = typename fd::AccumulateType<scalar_t>::type;
   constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kChannelsVec = fd::sigmoid_channels_vec<scalar_t>();
   require(grid >= 1, "grid must be >= 1");
-  require(vec == 0 || vec == 1, "vec must be 0 (scalar accesses) or 1 (16-byte accesses)");
+  require(vec == 0 || vec == 1, "vec must be 0 (scalar accesses) or 1 (vector accesses)");
   require(normalizer == nullptr || !has_host_normalizer, "a normalizer is either on the device or on the host");
-  const bool index_targets = variant == kIndexGroup8 || variant == kIndexGroup32;
+  const bool index_targets = variant == kIndex || variant == kIndexChannels;
+  require(variant == kIndexChannels || spatial == 1, "spatial > 1 is for the channel-first kernel");
   const auto* input = static_cast<const scalar_t*>(input_ptr);
   auto* grad = compute_grad ? static_cast<scalar_t*>(grad_ptr) : nullptr;
-  auto* loss = static_cast<scalar_t*>(loss_ptr);
-  const long long numel = rows * classes;
+  const fd::LossOut<scalar_t> loss{loss_ptr, loss_acc_dtype != 0};
+  const long long rows = images * spatial;  // targets, for index targets
+  const long long numel = images * classes * spatial;
 
   // As sigmoid_focal_loss_forward_cuda fills the arguments.
-  fd::SigmoidForwardArgs<acc_t> args{};
+  fd::SigmoidArgs<acc_t> args{};
   args.reduction = reduction;
   args.compute_grad = compute_grad != 0;
-  args.gamma = static_cast<acc_t>(gamma);
+  args.gamma = schedule<acc_t>(gamma, thresholds, values, n_thresholds);
   args.alpha = static_cast<acc_t>(alpha);
   args.use_alpha = alpha >= 0.0;
   args.target = index_targets ? target : nullptr;
@@ -251,15 +320,14 @@ void run_sigmoid_forward(int variant, int vec, long long grid, long long count_g
   if (counting) {
     // Rows with a target in [0, C] count; state[0] = 1 / (rows x C).
     require(count_grid >= 1, "count_grid must be >= 1");
-    emu::launch_in_order(emu::block_order(static_cast<unsigned>(count_grid), order),
-                         &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(count_grid)),
-                         dim3(kBlock), target, target_kind, rows, classes + 1, ignore_index, classes,
-                         args.partial_count, ws.tickets() + 1, args.state);
+    run_count<acc_t>(count_grid, order, target, target_kind, rows, classes + 1, ignore_index, classes,
+                     args.partial_count, ws.tickets() + 1, args.state);
   }
 
-  // The launcher's `vectorizable` conditions; an entry point asked for VEC checks them.
-  const bool outputs_aligned =
-      aligned_16(input) && (!compute_grad || aligned_16(grad)) && (reduction != focal_cuda::kReductionNone || aligned_16(loss));
+  // The launcher's `vectorizable` conditions; an entry point asked for vectors checks them.
+  const bool outputs_aligned = aligned_16(input) && (!compute_grad || aligned_16(grad)) &&
+                               (reduction != focal_cuda::kReductionNone ||
+                                aligned_to(loss_ptr, (loss_acc_dtype ? sizeof(acc_t) : sizeof(scalar_t)) * kVec));
   const auto blocks = emu::block_order(static_cast<unsigned>(grid), order);
   const dim3 grid_dim(static_cast<unsigned>(grid));
   auto dense = [&](auto target_tag) {
@@ -267,39 +335,42 @@ void run_sigmoid_forward(int variant, int vec, long long grid, long long count_g
     const auto* t = static_cast<const target_t*>(target);
     if (vec) {
       require(outputs_aligned && aligned_to(t, kVec * sizeof(target_t)),
-              "the dense VEC variant needs 16-byte aligned logits, outputs and VEC-aligned targets");
-      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kBlock, kVec>, grid_dim,
+              "the dense vector variant needs 16-byte aligned logits, outputs and VEC-aligned targets");
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kVec>, grid_dim,
                            dim3(kBlock), input, t, grad, loss, numel, args);
     } else {
-      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kBlock, 1>, grid_dim,
+      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, 1>, grid_dim,
                            dim3(kBlock), input, t, grad, loss, numel, args);
     }
   };
-  auto index = [&](auto group_tag) {
-    constexpr int kGroup = decltype(group_tag)::value;
-    if (vec) {
-      require(classes % kVec == 0 && outputs_aligned,
-              "the index VEC variant needs C % VEC == 0 and 16-byte aligned logits and outputs");
-      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, kBlock, kGroup, kVec>, grid_dim,
-                           dim3(kBlock), input, grad, loss, rows, classes, args);
-    } else {
-      emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, kBlock, kGroup, 1>, grid_dim,
-                           dim3(kBlock), input, grad, loss, rows, classes, args);
-    }
-  };
+  const fd::FastDivider by_classes = fd::FastDivider::make(classes);
   switch (variant) {
     case kDenseSame:
-      dense(scalar_t{});
-      break;
+      return dense(scalar_t{});
     case kDenseAcc:
-      dense(acc_t{});
-      break;
-    case kIndexGroup8:
-      index(std::integral_constant<int, 8>{});
-      break;
-    case kIndexGroup32:
-      index(std::integral_constant<int, 32>{});
-      break;
+      return dense(acc_t{});
+    case kIndex:
+      if (vec) {
+        require(classes >= kVec && outputs_aligned,
+                "the index vector variant needs C >= VEC and 16-byte aligned logits and outputs");
+        return emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, kVec>, grid_dim,
+                                    dim3(kBlock), input, grad, loss, images, classes, by_classes, args);
+      }
+      return emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_index_kernel<scalar_t, 1>, grid_dim, dim3(kBlock),
+                                  input, grad, loss, images, classes, by_classes, args);
+    case kIndexChannels:
+      if (vec) {
+        constexpr long long v = kChannelsVec;
+        require(spatial % v == 0 && input_stride_n % v == 0 && input_stride_c % v == 0 &&
+                    aligned_to(input, v * sizeof(scalar_t)) && (!compute_grad || aligned_to(grad, v * sizeof(scalar_t))),
+                "the channel-first vector variant needs spatial and strides multiples of VEC and aligned bases");
+        return emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_channels_kernel<scalar_t, kChannelsVec>, grid_dim,
+                                    dim3(kBlock), input, grad, loss, images, classes, spatial, input_stride_n,
+                                    input_stride_c, args);
+      }
+      return emu::launch_in_order(blocks, &fd::sigmoid_focal_loss_channels_kernel<scalar_t, 1>, grid_dim,
+                                  dim3(kBlock), input, grad, loss, images, classes, spatial, input_stride_n,
+                                  input_stride_c, args);
     default:
       throw emu::EmulationError("unknown sigmoid variant");
   }
@@ -325,9 +396,8 @@ void run_flat_backward(int vec, long long grid, unsigned long long order, const 
   const auto* go_ptr = static_cast<const scalar_t*>(grad_output);
   const auto* state_ptr = static_cast<const acc_t*>(state);
   if (vec) {
-    require(numel % kVec == 0 && aligned_16(in_ptr) && aligned_16(out_ptr) &&
-                (layout == fd::kGradOutputScalar || aligned_16(go_ptr)),
-            "the VEC backward needs numel % VEC == 0 and aligned buffers");
+    require(aligned_16(in_ptr) && aligned_16(out_ptr) && (layout == fd::kGradOutputScalar || aligned_16(go_ptr)),
+            "the VEC backward needs aligned buffers");
     emu::launch_in_order(blocks, &fd::focal_loss_backward_kernel<scalar_t, kBlock, kVec>,
                          dim3(static_cast<unsigned>(grid)), dim3(kBlock), in_ptr, out_ptr, g, go_ptr, layout,
                          state_ptr);
@@ -406,17 +476,21 @@ void emu_set_launch_timeout(int seconds) { emu::launch_timeout = std::chrono::se
 
 // The forward op: with fold_mean_into_forward, count_valid_targets_kernel on
 // `count_grid` blocks first (sharing the workspace, second ticket), then the
-// chosen forward kernel on `grid` blocks. class_weight and state are in the
-// accumulation dtype (float64 for float64 input, float32 otherwise).
-int emu_softmax_focal_loss_forward(int dtype, int variant, int vec, long long grid, long long count_grid,
+// chosen forward kernel on `grid` blocks. class_weight is float32 or float64
+// (class_weight_double) with a stride; state is in the accumulation dtype (float64
+// for float64 input, float32 otherwise); the loss in it too when loss_acc_dtype.
+int emu_softmax_focal_loss_forward(int dtype, int variant, long long grid, long long count_grid,
                                    unsigned long long order, const void* input, void* grad, void* loss,
-                                   const long long* geometry, const void* target, int target_kind, int reduction,
-                                   int compute_grad, long long ignore_index, double gamma, double alpha,
-                                   const void* class_weight, int fold_mean_into_forward, void* state) {
+                                   int loss_acc_dtype, const long long* geometry, const void* target, int target_kind,
+                                   int reduction, int compute_grad, long long ignore_index, double gamma,
+                                   const double* thresholds, const double* values, int n_thresholds, double alpha,
+                                   const void* class_weight, int class_weight_double, long long class_weight_stride,
+                                   int fold_mean_into_forward, void* state) {
   return guarded([&] {
     dispatch(dtype, [&](auto tag) {
-      run_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, grad, loss, geometry, target,
-                                 target_kind, reduction, compute_grad, ignore_index, gamma, alpha, class_weight,
+      run_forward<decltype(tag)>(variant, grid, count_grid, order, input, grad, loss, loss_acc_dtype, geometry, target,
+                                 target_kind, reduction, compute_grad, ignore_index, gamma, thresholds, values,
+                                 n_thresholds, alpha, class_weight, class_weight_double, class_weight_stride,
                                  fold_mean_into_forward, state);
     });
   });
@@ -430,7 +504,7 @@ int emu_count_valid_targets(int acc_dtype, long long grid, unsigned long long or
     auto body = [&](auto tag) {
       using acc_t = decltype(tag);
       Workspace<acc_t> ws(grid);
-      run_count<acc_t>(grid, order, target, target_kind, positions, classes, ignore_index, ws.partial_count(),
+      run_count<acc_t>(grid, order, target, target_kind, positions, classes, ignore_index, 1LL, ws.partial_count(),
                        ws.tickets() + 1, static_cast<acc_t*>(state));
     };
     if (acc_dtype == kFloat64) {
@@ -454,26 +528,28 @@ int emu_softmax_focal_loss_backward(int dtype, int vec, long long grid, unsigned
   });
 }
 
-// The sigmoid forward op as sigmoid_focal_loss_forward_cuda runs it on a contiguous
-// (rows, classes) input. variant: 0 dense targets of the input's dtype, 1 dense
-// targets of the accumulation dtype, 2 / 3 index targets with GROUP 8 / 32. With
-// index targets, fold_mean_into_forward and no normalizer, count_valid_targets_kernel
-// runs first on `count_grid` blocks (classes + 1 classes, items_per_target = classes).
-// Normalizer: `normalizer` a device value (accumulation dtype) or, with
-// has_host_normalizer, host_normalizer "as given"; neither: the default denominators.
-// state is in the accumulation dtype.
+// The sigmoid forward op as sigmoid_focal_loss_forward_cuda runs it (see run_sigmoid_forward).
+// variant: 0 dense targets of the input's dtype, 1 dense targets of the accumulation dtype,
+// 2 index targets with the classes last, 3 index targets channel-first. With index targets,
+// fold_mean_into_forward and no normalizer, count_valid_targets_kernel runs first on
+// `count_grid` blocks (classes + 1 classes, items_per_target = classes). Normalizer:
+// `normalizer` a device value (accumulation dtype) or, with has_host_normalizer,
+// host_normalizer "as given"; neither: the default denominators.
 int emu_sigmoid_focal_loss_forward(int dtype, int variant, int vec, long long grid, long long count_grid,
                                    unsigned long long order, const void* input, const void* target, int target_kind,
-                                   void* grad, void* loss, long long rows, long long classes, int reduction,
-                                   int compute_grad, long long ignore_index, double gamma, double alpha,
+                                   void* grad, void* loss, int loss_acc_dtype, long long images, long long classes,
+                                   long long spatial, long long input_stride_n, long long input_stride_c,
+                                   int reduction, int compute_grad, long long ignore_index, double gamma,
+                                   const double* thresholds, const double* values, int n_thresholds, double alpha,
                                    const void* normalizer, int has_host_normalizer, double host_normalizer,
                                    int fold_mean_into_forward, void* state) {
   return guarded([&] {
     dispatch(dtype, [&](auto tag) {
-      run_sigmoid_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, target, target_kind, grad,
-                                         loss, rows, classes, reduction, compute_grad, ignore_index, gamma, alpha,
-                                         normalizer, has_host_normalizer, host_normalizer, fold_mean_into_forward,
-                                         state);
+      run_sigmoid_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, target, target_kind, grad, loss,
+                                         loss_acc_dtype, images, classes, spatial, input_stride_n, input_stride_c,
+                                         reduction, compute_grad, ignore_index, gamma, thresholds, values,
+                                         n_thresholds, alpha, normalizer, has_host_normalizer, host_normalizer,
+                                         fold_mean_into_forward, state);
     });
   });
 }
@@ -486,12 +562,9 @@ int emu_count_valid_targets_items(int acc_dtype, long long grid, unsigned long l
   return guarded([&] {
     auto body = [&](auto tag) {
       using acc_t = decltype(tag);
-      require(grid >= 1, "grid must be >= 1");
       Workspace<acc_t> ws(grid);
-      emu::launch_in_order(emu::block_order(static_cast<unsigned>(grid), order),
-                           &fd::count_valid_targets_kernel<kBlock, acc_t>, dim3(static_cast<unsigned>(grid)),
-                           dim3(kBlock), target, target_kind, positions, classes, ignore_index, items_per_target,
-                           ws.partial_count(), ws.tickets() + 1, static_cast<acc_t*>(state));
+      run_count<acc_t>(grid, order, target, target_kind, positions, classes, ignore_index, items_per_target,
+                       ws.partial_count(), ws.tickets() + 1, static_cast<acc_t*>(state));
     };
     if (acc_dtype == kFloat64) {
       body(double{});
