@@ -84,7 +84,9 @@ def _extension():
         ("FOCAL_CUDA_CUDA_VERSION", f'"{torch.version.cuda}"'),
     ]
     nvcc_flags = [
-        "-O3", "--expt-relaxed-constexpr", "-lineinfo",
+        # --ftz=true: float32 results below 2^-126 flush to zero, so that __expf is one MUFU.EX2 (without
+        # it, each exp carries a denormal fix-up of three instructions); docs/design.md, numerics.
+        "-O3", "--expt-relaxed-constexpr", "-lineinfo", "--ftz=true",
         # Warnings are errors for the device code: host-compiler and nvcc diagnostics alike.
         "-Werror=all-warnings", "-Xcompiler=-Wall",
         # Keep half / bfloat16 operators available; torch's flags turn them off.

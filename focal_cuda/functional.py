@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -28,8 +29,30 @@ def _check_gamma(gamma: float) -> None:
         raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
 
 
+# Per-class weights given as sequences, already on a device: (values, device, dtype) -> tensor. A
+# training loop passes the same list every step; copying it host-to-device each time would wait
+# for the copy (a pageable transfer) on every call.
+_CLASS_WEIGHT_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_CLASS_WEIGHT_CACHE_SIZE = 16
+
+
+def _class_weight_tensor(values: Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced: a constant of the graph
+        return torch.tensor(list(values), dtype=dtype, device=device)
+    key = (tuple(float(v) for v in values), device, dtype)
+    weight = _CLASS_WEIGHT_CACHE.get(key)
+    if weight is None:
+        weight = torch.tensor(list(key[0]), dtype=dtype, device=device)
+        _CLASS_WEIGHT_CACHE[key] = weight
+        if len(_CLASS_WEIGHT_CACHE) > _CLASS_WEIGHT_CACHE_SIZE:
+            _CLASS_WEIGHT_CACHE.popitem(last=False)
+    else:
+        _CLASS_WEIGHT_CACHE.move_to_end(key)
+    return weight
+
+
 def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tensor], float]:
-    """Returns (per-class weight tensor or None, scalar weight)."""
+    """Returns (per-class weight tensor or None, scalar weight), without a host synchronisation."""
     if alpha is None:
         return None, 1.0
     if isinstance(alpha, torch.Tensor):
@@ -37,13 +60,17 @@ def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tens
             raise ValueError("alpha must not require grad: focal_cuda differentiates with respect to the logits only, "
                              "got alpha.requires_grad=True")
         if alpha.dim() == 0:
-            return None, float(alpha)
+            if alpha.device.type == "cpu" and input.device.type != "meta":
+                return None, float(alpha)  # a CPU number: reading it costs nothing
+            # A device scalar: read on the device as a stride-0 view of one weight per class
+            # (float() would wait for the device).
+            return alpha.expand(input.shape[1] if input.dim() >= 2 else 0), 1.0
         return alpha, 1.0
     if isinstance(alpha, (int, float)):
         return None, float(alpha)
     if isinstance(alpha, Sequence):
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        return torch.tensor(list(alpha), dtype=dtype, device=input.device), 1.0
+        return _class_weight_tensor(alpha, input.device, dtype), 1.0
     raise TypeError(f"alpha must be None, a float, a sequence of per-class floats or a 1-D tensor, got alpha={alpha!r}")
 
 
@@ -86,23 +113,30 @@ def sigmoid_focal_loss(
     *,
     ignore_index: int = -100,
     normalizer: Normalizer = None,
+    class_dim: int = -1,
 ) -> torch.Tensor:
-    """Sigmoid focal loss over the last dim, a drop-in for ``torchvision.ops.sigmoid_focal_loss``.
+    """Sigmoid focal loss, a drop-in for ``torchvision.ops.sigmoid_focal_loss``.
 
     Args:
-        inputs: logits of any shape with the classes last, e.g. ``(N, C)`` or ``(B, A, C)``;
-            float16, bfloat16, float32 or float64.
+        inputs: logits with the classes in ``class_dim``: last (``(N, C)``, ``(B, A, C)``, detection heads)
+            or 1 (``(N, C, H, W)``, segmentation heads); float16, bfloat16, float32 or float64. Read in
+            place in contiguous and channels_last layouts.
         targets: either dense floating targets of the inputs' shape, values in [0, 1] (soft labels
-            allowed), or integer class indices (int64, int32, int16, uint8) of shape ``inputs.shape[:-1]``:
-            ``c`` in ``[0, C)`` is the row's positive class, ``C`` is background, ``ignore_index`` drops
-            the row. No one-hot tensor is built.
+            allowed), or integer class indices (int64, int32, int16, uint8) of the inputs' shape without
+            ``class_dim``: ``c`` in ``[0, C)`` is the position's positive class, ``C`` is background,
+            ``ignore_index`` drops the position (uint8 masks with 255 work as they are). No one-hot tensor
+            is built.
         alpha: weight of the positives, ``1 - alpha`` of the negatives; ``alpha < 0``: no weighting.
         gamma: focusing parameter, a finite float ``>= 0``.
         reduction: ``"none"`` (the inputs' shape), ``"sum"``, or ``"mean"``: sum / number of elements
             (dense) or / (non-ignored rows x C) (index), 0 when that is 0.
         ignore_index: index targets only.
+        class_dim: ``-1`` (classes last, the default) or ``1`` (channel-first ``(N, C, d1, ..., dk)``).
+            Dense targets are elementwise, so it only decides the shape of index targets.
         normalizer: ``reduction="mean"`` only: the denominator instead, e.g. the number of positive
-            anchors; a float or a 0-dim tensor, read on the device (no host synchronisation).
+            anchors; a float or a 0-dim tensor, read on the device (no host synchronisation); or one
+            value per image (a 1-D tensor of length ``inputs.shape[0]`` on the inputs' device): the loss
+            is then the sum over images of (the image's summed loss) / normalizer[image].
 
     One fused kernel computes loss, reduction and (when ``inputs`` requires grad) the gradient.
     """
@@ -115,10 +149,12 @@ def sigmoid_focal_loss(
                          "got targets.requires_grad=True")
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-            raise TypeError(f"normalizer must be None, a number or a 0-dim tensor, got normalizer={normalizer!r}")
+            raise TypeError(f"normalizer must be None, a number or a tensor (0-dim, or one value per image), "
+                            f"got normalizer={normalizer!r}")
         normalizer = torch.tensor(float(normalizer), dtype=torch.float64)
     compute_grad = inputs.requires_grad and torch.is_grad_enabled()
     loss, _, _ = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-        inputs, targets, float(alpha), float(gamma), int(ignore_index), code, normalizer, compute_grad, True
+        inputs, targets, float(alpha), float(gamma), int(ignore_index), code, normalizer, compute_grad, True,
+        class_dim=int(class_dim),
     )
     return loss

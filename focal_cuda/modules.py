@@ -20,9 +20,10 @@ class FusedFocalLoss(nn.Module):
     ``mode="softmax"``: ``input`` ``(N, C, ...)`` logits, ``target`` ``(N, ...)`` class indices; ``alpha`` is
     ``None``, a float or ``C`` per-class weights (kept as a buffer, so it follows ``.to(device)``).
 
-    ``mode="sigmoid"`` (detection): ``input`` ``(..., C)`` logits, ``target`` dense floats of the same shape or
-    class indices of shape ``input.shape[:-1]`` (``C`` = background); ``alpha`` is ``None`` (no weighting) or a
-    float (torchvision's alpha). ``forward`` also takes ``normalizer`` (``reduction="mean"`` only).
+    ``mode="sigmoid"`` (detection, and sigmoid segmentation): ``input`` ``(..., C)`` logits (or ``(N, C, ...)``
+    with ``class_dim=1``), ``target`` dense floats of the same shape or class indices of the input's shape without
+    the class dim (``C`` = background); ``alpha`` is ``None`` (no weighting) or a float (torchvision's alpha).
+    ``forward`` also takes ``normalizer`` (``reduction="mean"`` only).
     """
 
     class_weight: Optional[torch.Tensor]
@@ -34,6 +35,7 @@ class FusedFocalLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         mode: str = "softmax",
+        class_dim: int = -1,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -43,6 +45,11 @@ class FusedFocalLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.mode = mode
+        if mode == "softmax" and class_dim != -1:
+            raise ValueError(f"class_dim is for mode='sigmoid' (softmax: classes in dim 1 always), got class_dim={class_dim!r}")
+        if mode == "sigmoid" and (isinstance(class_dim, bool) or class_dim not in (-1, 1)):
+            raise ValueError(f"class_dim must be -1 (classes last) or 1 (channel-first), got class_dim={class_dim!r}")
+        self.class_dim = int(class_dim)
         self.alpha_scalar: Optional[float] = None
         if alpha is None or isinstance(alpha, (int, float)):
             self.alpha_scalar = None if alpha is None else float(alpha)
@@ -58,7 +65,7 @@ class FusedFocalLoss(nn.Module):
         if self.mode == "sigmoid":
             alpha = -1.0 if self.alpha_scalar is None else self.alpha_scalar
             return sigmoid_focal_loss(input, target, alpha, self.gamma, self.reduction,
-                                      ignore_index=self.ignore_index, normalizer=normalizer)
+                                      ignore_index=self.ignore_index, normalizer=normalizer, class_dim=self.class_dim)
         if normalizer is not None:
             raise ValueError(f"normalizer is for mode='sigmoid', got mode={self.mode!r} and normalizer={normalizer!r}")
         alpha = self.class_weight if self.class_weight is not None else self.alpha_scalar

@@ -105,6 +105,7 @@ def sigmoid_focal_loss(
     *,
     ignore_index: int = -100,
     normalizer: Normalizer = None,
+    class_dim: int = -1,
 ) -> torch.Tensor:
     """Sigmoid focal loss ``alpha_t (1 - p_t)**gamma BCE(x, y)`` per element, ``p = sigmoid(inputs)``.
 
@@ -119,7 +120,10 @@ def sigmoid_focal_loss(
         reduction: ``"none"`` (the inputs' shape, 0 on ignored rows), ``"sum"``, or ``"mean"``:
             sum / number of elements (index targets: non-ignored rows x C; 0 when that is 0).
         ignore_index: index targets only.
-        normalizer: ``reduction="mean"`` only: the denominator, a number or a 0-dim tensor, used as given.
+        class_dim: ``-1`` (classes last) or ``1`` (channel-first ``(N, C, d1, ..., dk)``; index targets then
+            have the inputs' shape without dim 1).
+        normalizer: ``reduction="mean"`` only: the denominator, a number or a 0-dim tensor, used as given; or
+            one value per image (1-D, ``inputs.shape[0]``): each image's summed loss divided by its own.
 
     Dense targets: equals ``torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)``.
     Index targets: equals the dense form on the one-hot targets, ignored rows contributing 0.
@@ -129,6 +133,14 @@ def sigmoid_focal_loss(
         raise TypeError(f"inputs must be a tensor, got inputs={type(inputs).__name__}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got targets={type(targets).__name__}")
+    if isinstance(class_dim, bool) or class_dim not in (-1, 1) and class_dim != inputs.dim() - 1:
+        raise ValueError(f"class_dim must be -1 (classes last) or 1 (channel-first), got class_dim={class_dim!r}")
+    if class_dim == 1 and inputs.dim() > 2:
+        # Channel-first: the same loss with the classes moved last (dense targets with them).
+        dense = targets.dtype.is_floating_point and targets.shape == inputs.shape
+        loss = sigmoid_focal_loss(inputs.movedim(1, -1), targets.movedim(1, -1) if dense else targets, alpha, gamma,
+                                  reduction, ignore_index=ignore_index, normalizer=normalizer)
+        return loss.movedim(-1, 1) if reduction == "none" else loss
     if inputs.dtype not in _INPUT_DTYPES:
         raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got inputs.dtype={inputs.dtype}")
     if targets.requires_grad:
@@ -165,9 +177,10 @@ def sigmoid_focal_loss(
         if reduction != "mean":
             raise ValueError(f"normalizer is only allowed with reduction='mean', got reduction={reduction!r}")
         if isinstance(normalizer, torch.Tensor):
-            if normalizer.dim() != 0:
-                raise ValueError(f"normalizer must be a number or a 0-dim tensor, "
-                                 f"got normalizer.shape={tuple(normalizer.shape)}")
+            per_image = normalizer.dim() == 1 and inputs.dim() >= 2 and normalizer.shape[0] == inputs.shape[0]
+            if normalizer.dim() != 0 and not per_image:
+                raise ValueError(f"normalizer must be a number, a 0-dim tensor or one value per image "
+                                 f"(inputs.shape[0]), got normalizer.shape={tuple(normalizer.shape)}")
             if normalizer.dtype == torch.bool or normalizer.is_complex():
                 raise TypeError(f"normalizer must be a real number, got normalizer.dtype={normalizer.dtype}")
             if normalizer.requires_grad:
@@ -220,7 +233,10 @@ def sigmoid_focal_loss(
             denominator = torch.tensor(float(loss.numel()), dtype=acc, device=x.device)
         if normalizer is None:
             denominator = denominator.clamp(min=1)  # nothing counted: the sum is 0, and so is the mean
-        loss = loss.sum() / denominator
+        if denominator.dim() == 1:  # one per image: each image's sum divided by its own, then added
+            loss = (loss.reshape(loss.shape[0], -1).sum(dim=1) / denominator).sum()
+        else:
+            loss = loss.sum() / denominator
     return loss.to(inputs.dtype)
 
 

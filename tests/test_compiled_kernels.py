@@ -89,9 +89,10 @@ def test_no_spills_and_no_local_memory():
     archs = {arch for arch, _, _ in usage}
     assert _expected_sm_archs() <= archs, f"resource usage missing for {sorted(_expected_sm_archs() - archs)}"
     kernels = {name for _, name, _ in usage}
-    for needed in ("softmax_focal_loss_rows_kernel", "softmax_focal_loss_channels_kernel",
+    for needed in ("softmax_focal_loss_rows_kernel", "softmax_focal_loss_long_rows_kernel",
+                   "softmax_focal_loss_channels_kernel", "softmax_focal_loss_positions_kernel",
                    "sigmoid_focal_loss_dense_kernel", "sigmoid_focal_loss_index_kernel",
-                   "focal_loss_backward_kernel", "count_valid_targets_kernel"):
+                   "sigmoid_focal_loss_channels_kernel", "focal_loss_backward_kernel", "count_valid_targets_kernel"):
         assert any(needed in k for k in kernels), f"{needed} not found in the binary"
     offenders = [(arch, name, f) for arch, name, f in usage if f.get("STACK", 0) or f.get("LOCAL", 0)]
     assert not offenders, "kernels using stack or local memory (spills):\n" + "\n".join(
@@ -99,3 +100,52 @@ def test_no_spills_and_no_local_memory():
     for arch, name, f in usage:
         assert "REG" in f, f"no register count parsed for {arch} {name}: {f}"
         assert f["REG"] <= 255
+
+
+# ----------------------------------------------------------------------------- the static kernel report
+
+
+@pytest.fixture(scope="module")
+def report():
+    from focal_cuda import kernel_report
+
+    if CUOBJDUMP is None:
+        pytest.fail("cuobjdump not found: install nvidia-cuda-cuobjdump or put the CUDA toolkit's bin on PATH")
+    return kernel_report.collect(LIBRARY, CUOBJDUMP)
+
+
+def test_kernel_report_runs(capsys):
+    from focal_cuda import kernel_report
+
+    assert kernel_report.main(["--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax_focal_loss_rows_kernel" in out and "warps/SM" in out
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_memory_bound_kernels_keep_half_the_warps_resident(report, arch):
+    """At least 50% theoretical occupancy (32 of 64 warps) for every memory-bound kernel: 64 registers at
+    256 threads (float64 kernels, a correctness dtype, take 128 and are exempt)."""
+    from focal_cuda.kernel_report import memory_bound
+
+    if arch not in _expected_sm_archs():
+        pytest.skip(f"built without {arch}")
+    rows = [k for k in report if k.arch == arch and memory_bound(k)]
+    assert rows, f"no kernel found for {arch}"
+    low = [f"{k.name}: {k.registers} registers, {k.resident_warps()} warps" for k in rows if k.occupancy() < 0.5]
+    assert not low, "kernels below 50% theoretical occupancy:\n" + "\n".join(low)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_streaming_kernels_move_16_bytes_per_access(report, arch):
+    """The vector variants load and store 16 bytes per access (LDG.E.128 / STG.E.128 in the machine code)."""
+    if arch not in _expected_sm_archs():
+        pytest.skip(f"built without {arch}")
+    vector_kernels = [k for k in report if k.arch == arch and (
+        "rows_kernel" in k.name  # rows and long rows: always 16-byte vectors
+        or re.search(r"(dense|index)_kernel<[^,]+(, [^,]+)?, (8|4|2)>", k.name)
+        or re.search(r"backward_kernel<[^,]+, 256, (8|4|2)>", k.name))]
+    assert len(vector_kernels) >= 20, [k.name for k in vector_kernels]
+    narrow = [f"{k.name}: load {k.widest_load} B, store {k.widest_store} B" for k in vector_kernels
+              if k.widest_load < 16 or k.widest_store < 16]
+    assert not narrow, "vector kernels without 16-byte accesses:\n" + "\n".join(narrow)

@@ -46,7 +46,7 @@ def test_device_code_compiles_alone(arch: str, tmp_path: Path):
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) found")
     result = subprocess.run(
-        [nvcc, "-std=c++17", f"-arch={arch}", "-I", str(ROOT / "csrc"), "-Werror", "all-warnings",
+        [nvcc, "-std=c++17", f"-arch={arch}", "--ftz=true", "-I", str(ROOT / "csrc"), "-Werror", "all-warnings",
          "-Xcompiler=-Wall,-Wextra", "--resource-usage", "-c", str(ROOT / "tests" / "cuda" / "standalone_kernels.cu"),
          "-o", str(tmp_path / "kernels.o")],
         capture_output=True, text=True,

@@ -38,6 +38,7 @@ struct SigmoidParams {
   bool compute_grad;
   bool write_per_element_loss;
   int64_t classes;
+  int64_t spatial;           // index targets: 1 (classes last), else channel-first (N, C, S)
   const void* index_target;  // nullptr: dense targets
   int target_kind;
   int64_t ignore_index;
@@ -61,6 +62,15 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
     if (prm.index_target == nullptr) {
       for (int64_t i = 0; i < n; ++i) y[i] = static_cast<acc_t>(dense_target[b + i]);
       std::fill(keep, keep + n, acc_t(1));
+    } else if (prm.spatial > 1) {
+      // Channel-first (N, C, S): element e is class (e / S) % C of position (e / (C S)) S + e % S.
+      const int64_t S = prm.spatial;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = b + i, plane = e / S, s = e - plane * S, c = plane % C, image = plane / C;
+        const int64_t t = load_target(prm.index_target, image * S + s, prm.target_kind);
+        keep[i] = t == prm.ignore_index ? acc_t(0) : acc_t(1);
+        y[i] = t == c ? acc_t(1) : acc_t(0);
+      }
     } else {
       // One target read per row: y is 1 at the row's class (none for background).
       std::fill(y, y + n, acc_t(0));
@@ -114,6 +124,7 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
     prm.compute_grad = plan.compute_grad;
     prm.write_per_element_loss = plan.reduction == kReductionNone;
     prm.classes = plan.classes;
+    prm.spatial = plan.index_targets ? plan.spatial : 1;
     prm.index_target = plan.index_targets ? plan.target.const_data_ptr() : nullptr;
     prm.target_kind = plan.target_kind;
     prm.ignore_index = ignore_index;
@@ -122,9 +133,9 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
     scalar_t* grad = plan.compute_grad ? out.grad.data_ptr<scalar_t>() : nullptr;
     scalar_t* loss_out = prm.write_per_element_loss ? out.loss.data_ptr<scalar_t>() : nullptr;
     const int64_t numel = plan.numel();
-    // Whole rows per chunk, so that chunks depend only on the shape.
+    // Whole rows per chunk (classes last), so that chunks depend only on the shape.
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, plan.classes));
-    const int64_t chunk = rows_per_chunk * plan.classes;
+    const int64_t chunk = prm.spatial > 1 ? kChunkElements : rows_per_chunk * plan.classes;
     const int64_t chunks = numel > 0 ? (numel + chunk - 1) / chunk : 0;
     partial.assign(chunks, 0.0);
     auto run = [&](auto target_tag) {

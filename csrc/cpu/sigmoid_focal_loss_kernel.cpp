@@ -43,12 +43,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(
           : MeanDenominator{static_cast<double>(plan.index_targets ? valid_rows * plan.classes : plan.numel()), false};
   const GradientScales scales = gradient_scales(reduction, denominator, plan.fold_mean_into_forward);
 
-  std::vector<double> partial;
-  if (cpu_has_avx2()) {
-    avx2::sigmoid_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, scales.forward, partial);
-  } else {
-    baseline::sigmoid_focal_loss_forward_chunks(plan, out, alpha, gamma, ignore_index, scales.forward, partial);
+  auto run_chunks = [&](const SigmoidFocalForwardPlan& p, const SigmoidFocalForwardOutputs& o, double forward_scale,
+                        std::vector<double>& partial) {
+    if (cpu_has_avx2()) {
+      avx2::sigmoid_focal_loss_forward_chunks(p, o, alpha, gamma, ignore_index, forward_scale, partial);
+    } else {
+      baseline::sigmoid_focal_loss_forward_chunks(p, o, alpha, gamma, ignore_index, forward_scale, partial);
+    }
+  };
+  if (plan.image_normalizer.has_value()) {
+    // One normalizer per image: each image's elements in turn, its gradient scaled by
+    // 1 / normalizer[b], its summed loss divided by it (the gradient always folded).
+    const auto norms = plan.image_normalizer->to(at::kDouble).contiguous();
+    const double* norm = norms.const_data_ptr<double>();
+    double total = 0;
+    for (int64_t b = 0; b < plan.images; ++b) {
+      SigmoidFocalForwardPlan image = plan;
+      image.input = plan.input.select(0, b);
+      image.target = plan.target.select(0, b);
+      image.rows = plan.rows / plan.images;
+      SigmoidFocalForwardOutputs image_out = out;
+      if (plan.compute_grad) image_out.grad = out.grad.select(0, b);
+      std::vector<double> partial;
+      run_chunks(image, image_out, plan.compute_grad ? 1.0 / norm[b] : 1.0, partial);
+      double sum = 0;
+      for (const double v : partial) sum += v;
+      total += sum / norm[b];
+    }
+    out.loss.copy_(at::scalar_tensor(total, at::kDouble));
+    out.state.copy_(at::tensor({1.0, 1.0, 0.0}, at::kDouble));
+    return {out.loss, out.grad, out.state};
   }
+  std::vector<double> partial;
+  run_chunks(plan, out, scales.forward, partial);
   finish_forward(out.loss, out.state, partial, reduction, denominator, scales);
   return {out.loss, out.grad, out.state};
 }

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -57,7 +58,7 @@ int64_t launch_dense(const SigmoidFocalForwardPlan& plan, const SigmoidFocalForw
     }
     return grid;
   };
-  return vectorizable ? run(device::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kVec>, device::kBlock * kVec * 2)
+  return vectorizable ? run(device::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, kVec>, device::kBlock * kVec)
                       : run(device::sigmoid_focal_loss_dense_kernel<scalar_t, target_t, 1>, device::kBlock * 4);
 }
 
@@ -84,6 +85,31 @@ int64_t launch_index(const SigmoidFocalForwardPlan& plan, const SigmoidFocalForw
   };
   return vectorizable ? run(device::sigmoid_focal_loss_index_kernel<scalar_t, kVec>, device::kBlock * kVec * 2)
                       : run(device::sigmoid_focal_loss_index_kernel<scalar_t, 1>, device::kBlock * 4);
+}
+
+template <typename scalar_t>
+int64_t launch_channels(const SigmoidFocalForwardPlan& plan, const SigmoidFocalForwardOutputs& out,
+                        const device::SigmoidArgs<typename device::AccumulateType<scalar_t>::type>& args,
+                        cudaStream_t stream, bool dry_run) {
+  constexpr int kVec = device::sigmoid_channels_vec<scalar_t>();
+  const auto* input = reinterpret_cast<const scalar_t*>(plan.input.const_data_ptr());
+  auto* grad = plan.compute_grad ? reinterpret_cast<scalar_t*>(out.grad.data_ptr()) : nullptr;
+  const device::LossOut<scalar_t> loss{out.loss.data_ptr(), out.loss.scalar_type() != plan.input.scalar_type()};
+  const int64_t images = plan.images, C = plan.classes, S = plan.spatial;
+  // Contiguous (N, C, S): VEC positions per thread when S is a multiple of VEC and the bases are aligned.
+  const int64_t width = kVec * sizeof(scalar_t);
+  const bool vectorizable = S % kVec == 0 && aligned_to(input, width) && (!plan.compute_grad || aligned_to(grad, width)) &&
+                            (plan.reduction != kReductionNone || aligned_to(loss.ptr, out.loss.element_size() * kVec));
+  auto run = [&](auto kernel, int64_t vec) {
+    const int64_t grid = resident_grid(kernel, device::kBlock, 0, (images * S / vec + device::kBlock - 1) / device::kBlock);
+    if (!dry_run) {
+      kernel<<<grid, device::kBlock, 0, stream>>>(input, grad, loss, images, C, S, C * S, S, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return grid;
+  };
+  return vectorizable ? run(device::sigmoid_focal_loss_channels_kernel<scalar_t, kVec>, kVec)
+                      : run(device::sigmoid_focal_loss_channels_kernel<scalar_t, 1>, 1);
 }
 
 template <typename target_t, typename acc_t>
@@ -151,10 +177,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cuda(
     args.count_rows = plan.index_targets && !plan.has_normalizer();
     args.host_denominator_as_given = plan.host_normalizer.has_value();
     args.host_denominator = static_cast<acc_t>(plan.host_normalizer.value_or(static_cast<double>(plan.numel())));
+    if (plan.image_normalizer.has_value()) {
+      args.image_normalizer = plan.image_normalizer->const_data_ptr<acc_t>();
+      args.by_image_elements = device::FastDivider::make(std::max<int64_t>(plan.numel() / plan.images, 1));
+    }
     args.fold_mean_into_forward = plan.fold_mean_into_forward;
     args.state = out.state.data_ptr<acc_t>();
     // Which kernel, and its grid (a dry run sizes the workspace first).
     auto forward = [&](bool dry_run) -> int64_t {
+      if (plan.index_targets && plan.spatial > 1) return launch_channels<dev_t>(plan, out, args, stream, dry_run);
       if (plan.index_targets) return launch_index<dev_t>(plan, out, args, stream, dry_run);
       if (plan.target.scalar_type() == plan.input.scalar_type()) return launch_dense<dev_t, dev_t>(plan, out, args, stream, dry_run);
       return launch_dense<dev_t, acc_t>(plan, out, args, stream, dry_run);

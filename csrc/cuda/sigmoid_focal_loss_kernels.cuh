@@ -15,95 +15,12 @@
 //             the classes BATCH VEC-wide loads at a time.
 #pragma once
 
+#include <type_traits>
+
 #include "focal_loss_kernels.cuh"
 
 namespace focal_cuda {
 namespace device {
-
-template <typename acc_t>
-struct SigmoidArgs {
-  int reduction;
-  bool compute_grad;
-  GammaSchedule<acc_t> gamma;
-  acc_t alpha;
-  bool use_alpha;  // alpha >= 0
-  // Index targets: one per row, `classes` = background.
-  const void* target;
-  int target_kind;
-  long long ignore_index;
-  // Denominator of "mean": *normalizer when set (a device tensor, used as given);
-  // else (non-ignored rows) x classes when count_rows; else host_denominator
-  // (used as given when host_denominator_as_given: a CPU-scalar normalizer).
-  const acc_t* normalizer;
-  bool count_rows;
-  acc_t host_denominator;
-  bool host_denominator_as_given;
-  // With fold_mean_into_forward and count_rows, count_valid_targets_kernel has
-  // written 1 / denominator to state[0] before the forward kernel runs.
-  bool fold_mean_into_forward;
-  acc_t* state;              // [forward gradient scale, backward gradient scale, consumed flag]
-  acc_t* partial_loss;       // one per block
-  long long* partial_count;  // one per block
-  unsigned int* ticket;      // zeroed before the launch
-};
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t inverse_or_zero(acc_t d) {
-  return d > acc_t(0) ? acc_t(1) / d : acc_t(0);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid_forward_scale(const SigmoidArgs<acc_t>& a) {
-  if (!a.fold_mean_into_forward) return acc_t(1);
-  if (a.normalizer != nullptr) return acc_t(1) / *a.normalizer;
-  if (a.count_rows) return a.state[0];
-  return a.host_denominator_as_given ? acc_t(1) / a.host_denominator : inverse_or_zero(a.host_denominator);
-}
-
-// The reduced loss and the backward state, written by the last block. `rows` is
-// the number of non-ignored rows (index targets; unused otherwise).
-template <int BLOCK, typename scalar_t, typename acc_t>
-__device__ void sigmoid_reduce_and_finalize(acc_t loss, long long rows, long long classes, const SigmoidArgs<acc_t>& a,
-                                            const LossOut<scalar_t>& loss_out) {
-  if (!reduce_block_partials<BLOCK>(loss, rows, a.partial_loss, a.partial_count, a.ticket)) return;
-  acc_t inverse, mean;
-  if (a.normalizer != nullptr || a.host_denominator_as_given) {
-    const acc_t d = a.normalizer != nullptr ? *a.normalizer : a.host_denominator;
-    inverse = acc_t(1) / d;
-    mean = loss / d;
-  } else {
-    const acc_t d = a.count_rows ? static_cast<acc_t>(rows * classes) : a.host_denominator;
-    inverse = inverse_or_zero(d);
-    mean = d > acc_t(0) ? loss / d : acc_t(0);
-  }
-  const bool is_mean = a.reduction == kReductionMean;
-  if (a.reduction != kReductionNone) loss_out.store(0, is_mean ? mean : loss);
-  a.state[0] = a.fold_mean_into_forward ? inverse : acc_t(1);
-  a.state[1] = (is_mean && !a.fold_mean_into_forward) ? inverse : acc_t(1);
-  a.state[2] = acc_t(0);
-}
-
-// Per-element loss stores for reduction "none", in the loss's dtype.
-template <typename scalar_t, int VEC, typename acc_t>
-__device__ __forceinline__ void store_loss_pack(const LossOut<scalar_t>& out, long long first, const acc_t (&v)[VEC]) {
-  if (out.acc_dtype) {
-    Packed<acc_t, VEC> p;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) p.v[k] = v[k];
-    store_pack<acc_t, VEC>(static_cast<acc_t*>(out.ptr) + first, p);
-  } else {
-    Packed<scalar_t, VEC> p;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) p.v[k] = from_acc<scalar_t>(v[k]);
-    store_pack<scalar_t, VEC>(static_cast<scalar_t*>(out.ptr) + first, p);
-  }
-}
-
-// The gamma of one element: the schedule's piece for its p_t, or the constant.
-template <typename Math, typename acc_t>
-__device__ __forceinline__ acc_t element_gamma(const GammaSchedule<acc_t>& schedule, acc_t x, acc_t y) {
-  return schedule.pieces > 1 ? scheduled_gamma(schedule, sigmoid_p_t<acc_t, Math>(x, y)) : schedule.gammas[0];
-}
 
 // n / d by one multiply-high (Granlund and Montgomery, 1994), for 0 <= n < 2^63.
 struct FastDivider {
@@ -130,6 +47,124 @@ struct FastDivider {
   }
 };
 
+template <typename acc_t>
+struct SigmoidArgs {
+  int reduction;
+  bool compute_grad;
+  GammaSchedule<acc_t> gamma;
+  acc_t alpha;
+  bool use_alpha;  // alpha >= 0
+  // Index targets: one per row, `classes` = background.
+  const void* target;
+  int target_kind;
+  long long ignore_index;
+  // Denominator of "mean": *normalizer when set (a device tensor, used as given);
+  // else (non-ignored rows) x classes when count_rows; else host_denominator
+  // (used as given when host_denominator_as_given: a CPU-scalar normalizer).
+  const acc_t* normalizer;
+  bool count_rows;
+  acc_t host_denominator;
+  bool host_denominator_as_given;
+  // One normalizer per image (nullptr: none): element e belongs to image
+  // e / image_elements; its loss and gradient are divided by image_normalizer[image].
+  const acc_t* image_normalizer;
+  FastDivider by_image_elements;
+  // With fold_mean_into_forward and count_rows, count_valid_targets_kernel has
+  // written 1 / denominator to state[0] before the forward kernel runs.
+  bool fold_mean_into_forward;
+  acc_t* state;              // [forward gradient scale, backward gradient scale, consumed flag]
+  acc_t* partial_loss;       // one per block
+  long long* partial_count;  // one per block
+  unsigned int* ticket;      // zeroed before the launch
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t inverse_or_zero(acc_t d) {
+  return d > acc_t(0) ? acc_t(1) / d : acc_t(0);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_forward_scale(const SigmoidArgs<acc_t>& a) {
+  if (!a.fold_mean_into_forward || a.image_normalizer != nullptr) return acc_t(1);
+  if (a.normalizer != nullptr) return acc_t(1) / *a.normalizer;
+  if (a.count_rows) return a.state[0];
+  return a.host_denominator_as_given ? acc_t(1) / a.host_denominator : inverse_or_zero(a.host_denominator);
+}
+
+// The reduced loss and the backward state, written by the last block. `rows` is
+// the number of non-ignored rows (index targets; unused otherwise).
+template <int BLOCK, typename scalar_t, typename acc_t>
+__device__ void sigmoid_reduce_and_finalize(acc_t loss, long long rows, long long classes, const SigmoidArgs<acc_t>& a,
+                                            const LossOut<scalar_t>& loss_out) {
+  if (!reduce_block_partials<BLOCK>(loss, rows, a.partial_loss, a.partial_count, a.ticket)) return;
+  acc_t inverse, mean;
+  if (a.image_normalizer != nullptr) {  // the per-image division happened per element
+    inverse = acc_t(1);
+    mean = loss;
+  } else if (a.normalizer != nullptr || a.host_denominator_as_given) {
+    const acc_t d = a.normalizer != nullptr ? *a.normalizer : a.host_denominator;
+    inverse = acc_t(1) / d;
+    mean = loss / d;
+  } else {
+    const acc_t d = a.count_rows ? static_cast<acc_t>(rows * classes) : a.host_denominator;
+    inverse = inverse_or_zero(d);
+    mean = d > acc_t(0) ? loss / d : acc_t(0);
+  }
+  const bool is_mean = a.reduction == kReductionMean;
+  if (a.reduction != kReductionNone) loss_out.store(0, is_mean ? mean : loss);
+  a.state[0] = a.fold_mean_into_forward ? inverse : acc_t(1);
+  a.state[1] = (is_mean && !a.fold_mean_into_forward) ? inverse : acc_t(1);
+  a.state[2] = acc_t(0);
+}
+
+// Per-image normalizers (a.image_normalizer set) for a pack of VEC elements starting
+// at element e0: elements k >= boundary belong to the next image.
+template <typename acc_t>
+struct PackScale {
+  acc_t first, second;
+  int boundary;
+};
+
+template <int VEC, typename acc_t>
+__device__ __forceinline__ PackScale<acc_t> pack_scale(const SigmoidArgs<acc_t>& a, long long e0) {
+  PackScale<acc_t> s{acc_t(1), acc_t(1), VEC};
+  const long long b = a.by_image_elements.divide(e0);
+  const long long end = (b + 1) * static_cast<long long>(a.by_image_elements.divisor);
+  s.first = acc_t(1) / a.image_normalizer[b];
+  if (end - e0 < VEC) {
+    s.boundary = static_cast<int>(end - e0);
+    s.second = acc_t(1) / a.image_normalizer[b + 1];
+  }
+  return s;
+}
+
+// Per-element loss stores for reduction "none", in the loss's dtype.
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_loss_pack(const LossOut<scalar_t>& out, long long first, const acc_t (&v)[VEC]) {
+  if (out.acc_dtype) {
+    Packed<acc_t, VEC> p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = v[k];
+    store_pack<acc_t, VEC>(static_cast<acc_t*>(out.ptr) + first, p);
+  } else {
+    Packed<scalar_t, VEC> p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = from_acc<scalar_t>(v[k]);
+    store_pack<scalar_t, VEC>(static_cast<scalar_t*>(out.ptr) + first, p);
+  }
+}
+
+// The gamma of one element: the schedule's piece for its p_t, or the constant.
+template <typename acc_t>
+__device__ __forceinline__ acc_t image_scale(const SigmoidArgs<acc_t>& a, long long e) {
+  return a.image_normalizer == nullptr ? acc_t(1) : acc_t(1) / a.image_normalizer[a.by_image_elements.divide(e)];
+}
+
+template <typename Math, typename acc_t>
+__device__ __forceinline__ acc_t element_gamma(const GammaSchedule<acc_t>& schedule, acc_t x, acc_t y) {
+  return schedule.pieces > 1 ? scheduled_gamma(schedule, sigmoid_p_t<acc_t, Math>(x, y)) : schedule.gammas[0];
+}
+
 // ---------------------------------------------------------------------------
 // Dense targets (the input's layout, soft labels allowed): a flat elementwise
 // pass over `numel` elements, UNROLL packs of VEC (16 bytes of logits) per thread
@@ -141,7 +176,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
                                     SigmoidArgs<typename AccumulateType<scalar_t>::type> a) {
   using acc_t = typename AccumulateType<scalar_t>::type;
   using Math = typename ElementwiseMath<scalar_t>::type;
-  constexpr int UNROLL = VEC > 1 ? 2 : 4;
+  // Packs in flight per thread: 32 to 48 bytes of logits and targets (8 elements of 16-bit
+  // logits are already 16 bytes, and a second pack would pass 64 registers).
+  constexpr int UNROLL = VEC == 8 ? 1 : VEC > 1 ? 2 : 4;
   const acc_t forward_scale = sigmoid_forward_scale(a);
   const bool write_loss = a.reduction == kReductionNone;
   const long long packs = numel / VEC;
@@ -170,12 +207,28 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       if (j >= packs) continue;
       acc_t loss[VEC];
       Packed<scalar_t, VEC> g;
+      // Two copies of the element loop: without per-image normalizers (the usual case)
+      // nothing is scaled per element.
+      auto elements = [&](auto per_image) {
+        PackScale<acc_t> ps{acc_t(1), acc_t(1), VEC};
+        if constexpr (decltype(per_image)::value) ps = pack_scale<VEC>(a, j * VEC);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        acc_t gk;
-        element(to_acc(x[u].v[k]), to_acc(y[u].v[k]), loss[k], gk);
-        thread_loss += loss[k];
-        g.v[k] = from_acc<scalar_t>(gk);
+        for (int k = 0; k < VEC; ++k) {
+          acc_t gk;
+          element(to_acc(x[u].v[k]), to_acc(y[u].v[k]), loss[k], gk);
+          if constexpr (decltype(per_image)::value) {
+            const acc_t sk = k >= ps.boundary ? ps.second : ps.first;
+            loss[k] *= sk;
+            gk *= sk;
+          }
+          thread_loss += loss[k];
+          g.v[k] = from_acc<scalar_t>(gk);
+        }
+      };
+      if (a.image_normalizer == nullptr) {
+        elements(std::false_type{});
+      } else {
+        elements(std::true_type{});
       }
       if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, j * VEC, loss);
       if (a.compute_grad) store_pack<scalar_t, VEC>(grad + j * VEC, g);
@@ -185,6 +238,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
        e += static_cast<long long>(gridDim.x) * kBlock) {
     acc_t loss, gk;
     element(to_acc(input[e]), to_acc(target[e]), loss, gk);
+    const acc_t scale = image_scale(a, e);
+    loss *= scale;
+    gk *= scale;
     thread_loss += loss;
     if (write_loss) loss_out.store(e, loss);
     if (a.compute_grad) grad[e] = from_acc<scalar_t>(gk);
@@ -281,15 +337,29 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       const int k1 = t1.positive() >= 0 && t1.positive() + boundary < VEC ? t1.positive() + boundary : -1;
       acc_t loss[VEC];
       Packed<scalar_t, VEC> g;
+      auto elements = [&](auto per_image) {
+        PackScale<acc_t> ps{acc_t(1), acc_t(1), VEC};
+        if constexpr (decltype(per_image)::value) ps = pack_scale<VEC>(a, e0);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        acc_t gk;
-        const bool second = k >= boundary;
-        const RowTarget rt{second ? t1.code : t0.code};
-        index_element<Math>(a, to_acc(x[u].v[k]), k == k0 || k == k1, rt.valid(), rt.ignored(), forward_scale,
-                            loss[k], gk);
-        thread_loss += loss[k];
-        g.v[k] = from_acc<scalar_t>(gk);
+        for (int k = 0; k < VEC; ++k) {
+          acc_t gk;
+          const bool second = k >= boundary;
+          const RowTarget rt{second ? t1.code : t0.code};
+          index_element<Math>(a, to_acc(x[u].v[k]), k == k0 || k == k1, rt.valid(), rt.ignored(), forward_scale,
+                              loss[k], gk);
+          if constexpr (decltype(per_image)::value) {
+            const acc_t sk = k >= ps.boundary ? ps.second : ps.first;
+            loss[k] *= sk;
+            gk *= sk;
+          }
+          thread_loss += loss[k];
+          g.v[k] = from_acc<scalar_t>(gk);
+        }
+      };
+      if (a.image_normalizer == nullptr) {
+        elements(std::false_type{});
+      } else {
+        elements(std::true_type{});
       }
       if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, e0, loss);
       if (a.compute_grad) store_pack<scalar_t, VEC>(grad + e0, g);
@@ -303,6 +373,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     if (c == 0 && rt.valid()) ++thread_rows;
     acc_t loss, gk;
     index_element<Math>(a, to_acc(input[e]), c == rt.positive(), rt.valid(), rt.ignored(), forward_scale, loss, gk);
+    const acc_t scale = image_scale(a, e);
+    loss *= scale;
+    gk *= scale;
     thread_loss += loss;
     if (write_loss) loss_out.store(e, loss);
     if (a.compute_grad) grad[e] = from_acc<scalar_t>(gk);
@@ -353,6 +426,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       t[v] = read_row_target(a, n * spatial + s + v, classes);
       thread_rows += t[v].valid() ? 1 : 0;
     }
+    // A per-image normalizer divides the forward gradient scale (1 then) and the loss.
+    const acc_t image = a.image_normalizer == nullptr ? acc_t(1) : acc_t(1) / a.image_normalizer[n];
+    const acc_t element_scale = forward_scale * image;
     for (long long c0 = 0; c0 < classes; c0 += BATCH) {
       Packed<scalar_t, VEC> x[BATCH];
 #pragma unroll
@@ -369,7 +445,8 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
         for (int v = 0; v < VEC; ++v) {
           acc_t gk;
           index_element<Math>(a, to_acc(x[b].v[v]), c == t[v].positive(), t[v].valid(), t[v].ignored(),
-                              forward_scale, loss[v], gk);
+                              element_scale, loss[v], gk);
+          loss[v] *= image;
           thread_loss += loss[v];
           g.v[v] = from_acc<scalar_t>(gk);
         }

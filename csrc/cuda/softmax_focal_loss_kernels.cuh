@@ -512,18 +512,23 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     const long long s = p - n * g.spatial;
     const scalar_t* row = input + n * g.input_stride_n + s;
     const PositionTarget t = read_target(a, p, g.classes);
-    // 32-bit offsets: the host checks (C - 1) * stride_c < 2^31 for this kernel.
-    const unsigned stride = static_cast<unsigned>(g.input_stride_c);
+    // 32-bit byte offsets (the host checks (C - 1) * stride_c < 2^31 elements for this
+    // kernel): one IMAD.WIDE per address.
+    const unsigned stride_bytes = static_cast<unsigned>(g.input_stride_c * sizeof(scalar_t));
+    auto at = [&](int c) {
+      return *reinterpret_cast<const scalar_t*>(reinterpret_cast<const char*>(row) +
+                                                static_cast<unsigned long long>(stride_bytes) * c);
+    };
     // Every slot is loaded (classes past C read class C - 1 again, an L1 hit) and
     // those are then set to -inf: no per-class predicates to keep for the passes below.
     scalar_t x[C_MAX];
 #pragma unroll
-    for (int c = 0; c < C_MAX; ++c) x[c] = row[(c < C ? c : C - 1) * stride];
+    for (int c = 0; c < C_MAX; ++c) x[c] = at(c < C ? c : C - 1);
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) {
       if (c >= C) x[c] = storage_negative_infinity<scalar_t>();
     }
-    const acc_t x_t = t.valid ? to_acc(row[t.index * stride]) : acc_t(0);
+    const acc_t x_t = t.valid ? to_acc(at(t.index)) : acc_t(0);
     acc_t m = to_acc(x[0]);
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) m = max_acc(m, to_acc(x[c]));
@@ -536,21 +541,26 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     if (a.reduction == kReductionNone) loss_out.store(p, r.loss);
     if (!a.compute_grad) continue;
     scalar_t* grad_row = grad + n * g.grad_stride_n + s;
-    const unsigned grad_stride = static_cast<unsigned>(g.grad_stride_c);
+    // Byte offsets: one IMAD.WIDE per address.
+    const unsigned grad_stride_bytes = static_cast<unsigned>(g.grad_stride_c * sizeof(scalar_t));
+    auto grad_at = [&](int c) {
+      return reinterpret_cast<scalar_t*>(reinterpret_cast<char*>(grad_row) +
+                                         static_cast<unsigned long long>(grad_stride_bytes) * c);
+    };
     if (t.ignored) {
       // Exact zeros (0 * exp(NaN) would not be 0).
 #pragma unroll
       for (int c = 0; c < C_MAX; ++c) {
-        if (c < C) grad_row[c * grad_stride] = from_acc<scalar_t>(acc_t(0));
+        if (c < C) *grad_at(c) = from_acc<scalar_t>(acc_t(0));
       }
       continue;
     }
 #pragma unroll
     for (int c = 0; c < C_MAX; ++c) {
-      if (c < C) grad_row[c * grad_stride] = from_acc<scalar_t>(softmax_exp(to_acc(x[c]) - m) * r.grad_scale);
+      if (c < C) *grad_at(c) = from_acc<scalar_t>(softmax_exp(to_acc(x[c]) - m) * r.grad_scale);
     }
     // The target's gradient replaces what was just stored (same thread: ordered).
-    if (t.valid) grad_row[t.index * grad_stride] = from_acc<scalar_t>(r.target_grad);
+    if (t.valid) *grad_at(t.index) = from_acc<scalar_t>(r.target_grad);
   }
   softmax_reduce_and_finalize<kBlock>(*thread_loss, *thread_count, a, loss_out);
 }

@@ -2,9 +2,9 @@
 
 ``RetinaNetClassificationHead.compute_loss`` builds a one-hot target per image, drops the
 between-thresholds anchors with a boolean mask (a copy of the logits and a host sync) and calls
-``torchvision.ops.sigmoid_focal_loss``. The replacement reads the matched class indices directly
-(index targets: no one-hot, no masked copy) and divides by ``max(1, num_foreground)`` on the device.
-Same loss, same gradients.
+``torchvision.ops.sigmoid_focal_loss`` once per image. The replacement reads the matched class indices
+directly (index targets: no one-hot, no masked copy) in one fused call for the batch, each image divided
+by its ``max(1, num_foreground)`` on the device. Same loss, same gradients.
 """
 
 from __future__ import annotations
@@ -30,22 +30,23 @@ def retinanet_classification_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> torch.Tensor:
-    """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets."""
+    """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets in one fused
+    call for the whole batch: torchvision's per-image ``sum / max(1, num_foreground)``, averaged over the
+    images, is a per-image normalizer ``max(1, num_foreground) * num_images`` read on the device."""
     cls_logits = head_outputs["cls_logits"]  # (N, anchors, C)
     num_classes = cls_logits.shape[-1]
-    losses = []
-    for targets_per_image, logits, matched in zip(targets, cls_logits, matched_idxs):
+    indices = []
+    for targets_per_image, matched in zip(targets, matched_idxs):
         foreground = matched >= 0
         background = torch.full_like(matched, num_classes)  # C = background
         labels = targets_per_image["labels"]
         index = background if labels.numel() == 0 else torch.where(foreground, labels[matched.clamp(min=0)], background)
-        index = torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index)
-        normalizer = foreground.sum().clamp(min=1)  # max(1, num_foreground), on the device
-        losses.append(
-            sigmoid_focal_loss(logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
-                               normalizer=normalizer)
-        )
-    return torch.stack(losses).sum() / len(targets)
+        indices.append(torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index))
+    index = torch.stack(indices)  # (N, anchors): small integer work, the logits are read once below
+    num_foreground = (torch.stack(matched_idxs) >= 0).sum(dim=1)
+    normalizer = num_foreground.clamp(min=1) * len(targets)  # on the device
+    return sigmoid_focal_loss(cls_logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
+                              normalizer=normalizer)
 
 
 def use_fused_focal_loss(model: nn.Module, alpha: float = 0.25, gamma: float = 2.0) -> nn.Module:
