@@ -165,6 +165,20 @@ __device__ __forceinline__ acc_t element_gamma(const GammaSchedule<acc_t>& sched
   return schedule.pieces > 1 ? scheduled_gamma(schedule, sigmoid_p_t<acc_t, Math>(x, y)) : schedule.gammas[0];
 }
 
+// Runs body(per_image, gamma_two) with compile-time tags for the two uniform choices a
+// kernel makes per element: per-image normalizers or not, and gamma a constant 2 (the
+// usual focal loss: then (1 - p_t)^gamma is one multiply, the schedule and the
+// gamma == 0 / 1 / 2 tests of modulating_factor fold away) or anything else.
+template <typename acc_t, typename Body>
+__device__ __forceinline__ void with_uniform_choices(const SigmoidArgs<acc_t>& a, Body&& body) {
+  const bool two = a.gamma.pieces == 1 && a.gamma.gammas[0] == acc_t(2);
+  if (a.image_normalizer == nullptr) {
+    two ? body(std::false_type{}, std::true_type{}) : body(std::false_type{}, std::false_type{});
+  } else {
+    two ? body(std::true_type{}, std::true_type{}) : body(std::true_type{}, std::false_type{});
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Dense targets (the input's layout, soft labels allowed): a flat elementwise
 // pass over `numel` elements, UNROLL packs of VEC (16 bytes of logits) per thread
@@ -184,9 +198,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
   const long long packs = numel / VEC;
   const long long stride = static_cast<long long>(gridDim.x) * kBlock * UNROLL;
   acc_t thread_loss = 0;
-  auto element = [&](acc_t x, acc_t y, acc_t& loss, acc_t& g) {
-    const SigmoidFocalTerms<acc_t> t =
-        sigmoid_focal_terms<acc_t, acc_t, Math>(x, y, element_gamma<Math>(a.gamma, x, y), a.alpha, a.use_alpha);
+  auto element = [&](acc_t x, acc_t y, acc_t& loss, acc_t& g, auto gamma_two) {
+    const acc_t gamma = decltype(gamma_two)::value ? acc_t(2) : element_gamma<Math>(a.gamma, x, y);
+    const SigmoidFocalTerms<acc_t> t = sigmoid_focal_terms<acc_t, acc_t, Math>(x, y, gamma, a.alpha, a.use_alpha);
     loss = t.loss;
     g = t.grad * forward_scale;
   };
@@ -207,15 +221,15 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       if (j >= packs) continue;
       acc_t loss[VEC];
       Packed<scalar_t, VEC> g;
-      // Two copies of the element loop: without per-image normalizers (the usual case)
-      // nothing is scaled per element.
-      auto elements = [&](auto per_image) {
+      // Four copies of the element loop (with_uniform_choices): without per-image
+      // normalizers (the usual case) nothing is scaled per element.
+      auto elements = [&](auto per_image, auto gamma_two) {
         PackScale<acc_t> ps{acc_t(1), acc_t(1), VEC};
         if constexpr (decltype(per_image)::value) ps = pack_scale<VEC>(a, j * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           acc_t gk;
-          element(to_acc(x[u].v[k]), to_acc(y[u].v[k]), loss[k], gk);
+          element(to_acc(x[u].v[k]), to_acc(y[u].v[k]), loss[k], gk, gamma_two);
           if constexpr (decltype(per_image)::value) {
             const acc_t sk = k >= ps.boundary ? ps.second : ps.first;
             loss[k] *= sk;
@@ -225,11 +239,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
           g.v[k] = from_acc<scalar_t>(gk);
         }
       };
-      if (a.image_normalizer == nullptr) {
-        elements(std::false_type{});
-      } else {
-        elements(std::true_type{});
-      }
+      with_uniform_choices(a, elements);
       if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, j * VEC, loss);
       if (a.compute_grad) store_pack<scalar_t, VEC>(grad + j * VEC, g);
     }
@@ -237,7 +247,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
   for (long long e = packs * VEC + static_cast<long long>(blockIdx.x) * kBlock + threadIdx.x; e < numel;
        e += static_cast<long long>(gridDim.x) * kBlock) {
     acc_t loss, gk;
-    element(to_acc(input[e]), to_acc(target[e]), loss, gk);
+    element(to_acc(input[e]), to_acc(target[e]), loss, gk, std::false_type{});
     const acc_t scale = image_scale(a, e);
     loss *= scale;
     gk *= scale;
@@ -275,12 +285,17 @@ __device__ __forceinline__ RowTarget read_row_target(const SigmoidArgs<acc_t>& a
 // Terms of one element of a row with index target; an ignored row gives exact
 // zeros, an out-of-range target (checked on the host for CPU tensors only: no
 // sync here) NaN.
-template <typename Math, typename acc_t>
+template <typename Math, bool GAMMA_TWO = false, typename acc_t>
 __device__ __forceinline__ void index_element(const SigmoidArgs<acc_t>& a, acc_t x, bool positive, bool valid,
                                               bool ignored, acc_t forward_scale, acc_t& loss, acc_t& grad) {
   const acc_t alpha_t = !a.use_alpha ? acc_t(1) : positive ? a.alpha : acc_t(1) - a.alpha;
-  acc_t gamma = a.gamma.gammas[0];
-  if (a.gamma.pieces > 1) gamma = scheduled_gamma(a.gamma, sigmoid_p_t<acc_t, Math>(x, positive ? acc_t(1) : acc_t(0)));
+  acc_t gamma = acc_t(2);
+  if (!GAMMA_TWO) {
+    gamma = a.gamma.gammas[0];
+    if (a.gamma.pieces > 1) {
+      gamma = scheduled_gamma(a.gamma, sigmoid_p_t<acc_t, Math>(x, positive ? acc_t(1) : acc_t(0)));
+    }
+  }
   const SigmoidFocalTerms<acc_t> t = sigmoid_focal_terms_hard<acc_t, Math>(x, positive, gamma, alpha_t);
   if (valid) {
     loss = t.loss;
@@ -337,7 +352,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       const int k1 = t1.positive() >= 0 && t1.positive() + boundary < VEC ? t1.positive() + boundary : -1;
       acc_t loss[VEC];
       Packed<scalar_t, VEC> g;
-      auto elements = [&](auto per_image) {
+      auto elements = [&](auto per_image, auto gamma_two) {
         PackScale<acc_t> ps{acc_t(1), acc_t(1), VEC};
         if constexpr (decltype(per_image)::value) ps = pack_scale<VEC>(a, e0);
 #pragma unroll
@@ -345,8 +360,8 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
           acc_t gk;
           const bool second = k >= boundary;
           const RowTarget rt{second ? t1.code : t0.code};
-          index_element<Math>(a, to_acc(x[u].v[k]), k == k0 || k == k1, rt.valid(), rt.ignored(), forward_scale,
-                              loss[k], gk);
+          index_element<Math, decltype(gamma_two)::value>(a, to_acc(x[u].v[k]), k == k0 || k == k1, rt.valid(),
+                                                          rt.ignored(), forward_scale, loss[k], gk);
           if constexpr (decltype(per_image)::value) {
             const acc_t sk = k >= ps.boundary ? ps.second : ps.first;
             loss[k] *= sk;
@@ -356,11 +371,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
           g.v[k] = from_acc<scalar_t>(gk);
         }
       };
-      if (a.image_normalizer == nullptr) {
-        elements(std::false_type{});
-      } else {
-        elements(std::true_type{});
-      }
+      with_uniform_choices(a, elements);
       if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, e0, loss);
       if (a.compute_grad) store_pack<scalar_t, VEC>(grad + e0, g);
     }
@@ -435,24 +446,28 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       for (int b = 0; b < BATCH; ++b) {
         if (c0 + b < classes) x[b] = load_pack<scalar_t, VEC>(base + (c0 + b) * input_stride_c);
       }
+      auto classes_of_batch = [&](auto gamma_two) {
 #pragma unroll
-      for (int b = 0; b < BATCH; ++b) {
-        const long long c = c0 + b;
-        if (c >= classes) continue;
-        acc_t loss[VEC];
-        Packed<scalar_t, VEC> g;
+        for (int b = 0; b < BATCH; ++b) {
+          const long long c = c0 + b;
+          if (c >= classes) continue;
+          acc_t loss[VEC];
+          Packed<scalar_t, VEC> g;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          acc_t gk;
-          index_element<Math>(a, to_acc(x[b].v[v]), c == t[v].positive(), t[v].valid(), t[v].ignored(),
-                              element_scale, loss[v], gk);
-          loss[v] *= image;
-          thread_loss += loss[v];
-          g.v[v] = from_acc<scalar_t>(gk);
+          for (int v = 0; v < VEC; ++v) {
+            acc_t gk;
+            index_element<Math, decltype(gamma_two)::value>(a, to_acc(x[b].v[v]), c == t[v].positive(),
+                                                            t[v].valid(), t[v].ignored(), element_scale, loss[v], gk);
+            loss[v] *= image;
+            thread_loss += loss[v];
+            g.v[v] = from_acc<scalar_t>(gk);
+          }
+          if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, out_base + c * spatial, loss);
+          if (a.compute_grad) store_pack<scalar_t, VEC>(grad + out_base + c * spatial, g);
         }
-        if (write_loss) store_loss_pack<scalar_t, VEC>(loss_out, out_base + c * spatial, loss);
-        if (a.compute_grad) store_pack<scalar_t, VEC>(grad + out_base + c * spatial, g);
-      }
+      };
+      // One copy only: a gamma-2 copy here keeps too many elements' temporaries live.
+      classes_of_batch(std::false_type{});
     }
   }
   sigmoid_reduce_and_finalize<kBlock>(thread_loss, thread_rows, classes, a, loss_out);
