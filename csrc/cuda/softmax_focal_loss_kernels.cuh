@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     // ... and every vector of the row.
     const int mis = misalignment<scalar_t, VEC>(row);
     const scalar_t* aligned_row = row - mis;
-    const int vectors = (mis + C + VEC - 1) / VEC;
+    // C == 0 (numel 0 with positions; the logits' pointer may be null): no vector, none read.
+    const int vectors = C > 0 ? (mis + C + VEC - 1) / VEC : 0;
     Packed<scalar_t, VEC> x[SLOTS];
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j) {
@@ -372,7 +373,7 @@ __global__ void __launch_bounds__(BLOCK, 1)
     const acc_t x_t = t.valid ? to_acc(row[t.index]) : acc_t(0);
     const int mis = misalignment<scalar_t, VEC>(row);
     const scalar_t* aligned_row = row - mis;
-    const long long vectors = (mis + C + VEC - 1) / VEC;
+    const long long vectors = C > 0 ? (mis + C + VEC - 1) / VEC : 0;  // C == 0: none (see the rows kernel)
     // A vector as loaded, with the neighbouring rows' elements set to -inf.
     auto load_vector = [&](long long q) {
       Packed<scalar_t, VEC> v = load_pack<scalar_t, VEC>(aligned_row + q * VEC);
@@ -516,9 +517,10 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     const unsigned stride = static_cast<unsigned>(g.input_stride_c);
     // Every slot is loaded (classes past C read class C - 1 again, an L1 hit) and
     // those are then set to -inf: no per-class predicates to keep for the passes below.
+    // C == 0 (numel 0 with positions; the pointer may be null) reads nothing.
     scalar_t x[C_MAX];
 #pragma unroll
-    for (int c = 0; c < C_MAX; ++c) x[c] = row[(c < C ? c : C - 1) * stride];
+    for (int c = 0; c < C_MAX; ++c) x[c] = C > 0 ? row[(c < C ? c : C - 1) * stride] : storage_negative_infinity<scalar_t>();
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) {
       if (c >= C) x[c] = storage_negative_infinity<scalar_t>();

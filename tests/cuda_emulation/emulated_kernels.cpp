@@ -588,6 +588,19 @@ int emu_focal_loss_backward_flat(int dtype, int vec, long long grid, unsigned lo
   });
 }
 
+// FastDivider as the sigmoid launcher makes it (host) and the index kernel divides with
+// it (device code, run here on the host): out[k] = n[k] / d, for d >= 1, 0 <= n[k] < 2^63.
+int emu_fast_divide(long long d, const long long* n, long long count, long long* out) {
+  return guarded([&] {
+    require(d >= 1, "the divisor must be >= 1");
+    const fd::FastDivider f = fd::FastDivider::make(d);
+    for (long long k = 0; k < count; ++k) {
+      require(n[k] >= 0, "the dividend must be >= 0");
+      out[k] = f.divide(n[k]);
+    }
+  });
+}
+
 // Emulator self-tests: 2 blocks of 128 threads; out holds 256 values.
 int emu_selftest_shuffle(int mode, int param, int width, long long* out) {
   return guarded([&] { emu::launch(&shuffle_probe_kernel, dim3(2), dim3(128), mode, param, width, out); });
