@@ -439,7 +439,8 @@ def check(fwd: Forward, exp: Expected, dtype: torch.dtype, reduction: str, label
     forward's gradient and, after a backward, the final gradient."""
     assert_close_scaled(fwd.loss.view, exp.loss, fwd.loss.view.dtype, f"{label}: loss")
     want_state = expected_state(exp, reduction, fwd.fold)
-    assert torch.equal(bits(fwd.state), bits(want_state)), f"{label}: state {fwd.state.tolist()} != {want_state.tolist()}"
+    assert torch.equal(bits(fwd.state), bits(want_state)), (
+        f"{label}: state {fwd.state.tolist()} != {want_state.tolist()}")
     if fwd.grad is None:
         return
     forward_scale = float(want_state[0])
@@ -757,9 +758,9 @@ def test_fast_divider_divides_every_dividend(emu):
     top = 2**63 - 1
     for d in divisors:
         quotients = torch.randint(0, top // d, (200,), generator=gen, dtype=torch.int64).tolist()
-        n = sorted({0, 1, d - 1, d, d + 1, top, top - 1, (top // d) * d, (top // d) * d - 1, 2**62, 2**31, 2**32,
-                    *[q * d for q in quotients], *[q * d - 1 for q in quotients if q], *[q * d + d - 1 for q in quotients
-                                                                                      if q * d + d - 1 <= top]})
+        n = {0, 1, d - 1, d, d + 1, top, top - 1, (top // d) * d, (top // d) * d - 1, 2**62, 2**31, 2**32}
+        n |= {q * d for q in quotients} | {q * d - 1 for q in quotients if q}
+        n = sorted(n | {q * d + d - 1 for q in quotients if q * d + d - 1 <= top})
         dividends = torch.tensor(n, dtype=torch.int64)
         out = torch.full_like(dividends, -1)
         emu.check(emu.lib.emu_fast_divide(d, dividends.data_ptr(), dividends.numel(), out.data_ptr()))
