@@ -77,8 +77,10 @@ SoftmaxLaunch choose_kernel(const SoftmaxFocalForwardPlan& plan) {
   // Neighbouring positions adjacent in memory (channel-first, or a transposed (N, C)),
   // 32-bit class offsets.
   const bool positions_contiguous = (g.spatial == 1 || (g.input_stride_s == 1 && (!grad || g.grad_stride_s == 1)));
-  const int64_t int_max = std::numeric_limits<int>::max();
-  const bool small_offsets = (C - 1) * g.input_stride_c <= int_max && (!grad || (C - 1) * g.grad_stride_c <= int_max);
+  // The channels kernel addresses classes with a 32-bit byte stride.
+  const int64_t max_offset = std::numeric_limits<unsigned>::max() / sizeof(scalar_t);
+  const bool small_offsets =
+      (C - 1) * g.input_stride_c <= max_offset && (!grad || (C - 1) * g.grad_stride_c <= max_offset);
   if (positions_contiguous && small_offsets && C <= device::channels_max_classes<scalar_t>()) {
     l.kernel = SoftmaxKernel::kChannels;
     l.small_tile = C <= device::channels_small_classes<scalar_t>();

@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     // ... and every vector of the row.
     const int mis = misalignment<scalar_t, VEC>(row);
     const scalar_t* aligned_row = row - mis;
-    const int vectors = (mis + C + VEC - 1) / VEC;
+    // C == 0 (numel 0 with positions; the logits' pointer may be null): no vector, none read.
+    const int vectors = C > 0 ? (mis + C + VEC - 1) / VEC : 0;
     Packed<scalar_t, VEC> x[SLOTS];
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j) {
@@ -372,7 +373,7 @@ __global__ void __launch_bounds__(BLOCK, 1)
     const acc_t x_t = t.valid ? to_acc(row[t.index]) : acc_t(0);
     const int mis = misalignment<scalar_t, VEC>(row);
     const scalar_t* aligned_row = row - mis;
-    const long long vectors = (mis + C + VEC - 1) / VEC;
+    const long long vectors = C > 0 ? (mis + C + VEC - 1) / VEC : 0;  // C == 0: none (see the rows kernel)
     // A vector as loaded, with the neighbouring rows' elements set to -inf.
     auto load_vector = [&](long long q) {
       Packed<scalar_t, VEC> v = load_pack<scalar_t, VEC>(aligned_row + q * VEC);
@@ -512,7 +513,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     const long long s = p - n * g.spatial;
     const scalar_t* row = input + n * g.input_stride_n + s;
     const PositionTarget t = read_target(a, p, g.classes);
-    // 32-bit byte offsets (the host checks (C - 1) * stride_c < 2^31 elements for this
+    // 32-bit byte offsets (the host checks (C - 1) * stride_c * sizeof < 2^32 for this
     // kernel): one IMAD.WIDE per address.
     const unsigned stride_bytes = static_cast<unsigned>(g.input_stride_c * sizeof(scalar_t));
     auto at = [&](int c) {
@@ -521,9 +522,10 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     };
     // Every slot is loaded (classes past C read class C - 1 again, an L1 hit) and
     // those are then set to -inf: no per-class predicates to keep for the passes below.
+    // C == 0 (numel 0 with positions; the pointer may be null) reads nothing.
     scalar_t x[C_MAX];
 #pragma unroll
-    for (int c = 0; c < C_MAX; ++c) x[c] = at(c < C ? c : C - 1);
+    for (int c = 0; c < C_MAX; ++c) x[c] = C > 0 ? at(c < C ? c : C - 1) : storage_negative_infinity<scalar_t>();
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) {
       if (c >= C) x[c] = storage_negative_infinity<scalar_t>();

@@ -43,6 +43,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -354,7 +355,9 @@ inline std::vector<unsigned> block_order(unsigned blocks, unsigned long long see
 
 // Worker threads shared by every launch: creating hundreds of threads per block
 // would cost more than running the block. run(n, body) runs body(0..n-1) on n
-// distinct threads and returns when all have returned.
+// distinct threads and returns when all have returned. Each worker waits on its
+// own slot, so a launch wakes only the n threads it uses (not every thread a
+// 1024-thread launch once created).
 class ThreadPool {
  public:
   static ThreadPool& instance() {
@@ -367,13 +370,17 @@ class ThreadPool {
     std::unique_lock<std::mutex> lock(mutex_);
     while (workers_.size() < n) {
       const unsigned index = static_cast<unsigned>(workers_.size());
-      workers_.emplace_back([this, index] { work(index); });
+      slots_.push_back(std::make_unique<Slot>());
+      Slot* slot = slots_.back().get();
+      workers_.emplace_back([this, index, slot] { work(index, *slot); });
     }
     job_ = &body;
-    job_threads_ = n;
     remaining_ = n;
     ++job_number_;
-    start_.notify_all();
+    for (unsigned k = 0; k < n; ++k) {
+      slots_[k]->job.store(job_number_);  // publishes job_ to worker k
+      slots_[k]->job.notify_one();
+    }
     if (!done_.wait_for(lock, launch_timeout, [&] { return remaining_ == 0; })) {
       lock.unlock();
       on_timeout();
@@ -386,36 +393,40 @@ class ThreadPool {
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
+      for (auto& slot : slots_) {
+        slot->job.store(kStop);
+        slot->job.notify_one();
+      }
     }
-    start_.notify_all();
     for (auto& w : workers_) w.join();
   }
 
  private:
-  void work(unsigned index) {
-    unsigned long long seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
+  static constexpr unsigned kStop = ~0u;
+  struct Slot {
+    std::atomic<unsigned> job{0};  // the job number this worker is to run (32 bits: a plain futex)
+  };
+
+  void work(unsigned index, Slot& slot) {
+    unsigned seen = 0;
     for (;;) {
-      start_.wait(lock, [&] { return stop_ || job_number_ != seen; });
-      if (stop_) return;
-      seen = job_number_;
-      if (index >= job_threads_) continue;
-      const auto* body = job_;
-      lock.unlock();
-      (*body)(index);
-      lock.lock();
+      slot.job.wait(seen);
+      const unsigned job = slot.job.load();
+      if (job == kStop) return;
+      seen = job;
+      (*job_)(index);
+      std::lock_guard<std::mutex> lock(mutex_);
       if (--remaining_ == 0) done_.notify_one();
     }
   }
 
   std::mutex mutex_;
-  std::condition_variable start_, done_;
+  std::condition_variable done_;
   std::vector<std::thread> workers_;
+  std::vector<std::unique_ptr<Slot>> slots_;
   const std::function<void(unsigned)>* job_ = nullptr;
-  unsigned job_threads_ = 0, remaining_ = 0;
-  unsigned long long job_number_ = 0;
-  bool stop_ = false;
+  unsigned remaining_ = 0;
+  unsigned job_number_ = 0;
 };
 
 // kernel<<<grid, block>>>(args...), blocks in the given order. Returns when every

@@ -217,6 +217,10 @@ void run_forward(int variant, long long grid, long long count_grid, unsigned lon
       const bool small = variant == kChannelsSmall;
       require(g.classes <= (small ? fd::channels_small_classes<scalar_t>() : fd::channels_max_classes<scalar_t>()),
               "C must fit the channels kernel's register tile");
+      const long long max_offset = static_cast<long long>(0xffffffffu / sizeof(scalar_t));
+      require((g.classes - 1) * g.input_stride_c <= max_offset &&
+                  (!compute_grad || (g.classes - 1) * g.grad_stride_c <= max_offset),
+              "the channels kernel addresses classes with a 32-bit byte stride");
       return small ? go(&fd::softmax_focal_loss_channels_kernel<scalar_t, fd::channels_small_classes<scalar_t>()>,
                         kBlock, 0)
                    : go(&fd::softmax_focal_loss_channels_kernel<scalar_t, fd::channels_max_classes<scalar_t>()>,
@@ -585,6 +589,19 @@ int emu_focal_loss_backward_flat(int dtype, int vec, long long grid, unsigned lo
     dispatch(dtype, [&](auto tag) {
       run_flat_backward<decltype(tag)>(vec, grid, order, grad, out, numel, grad_output, layout, state);
     });
+  });
+}
+
+// FastDivider as the sigmoid launcher makes it (host) and the index kernel divides with
+// it (device code, run here on the host): out[k] = n[k] / d, for d >= 1, 0 <= n[k] < 2^63.
+int emu_fast_divide(long long d, const long long* n, long long count, long long* out) {
+  return guarded([&] {
+    require(d >= 1, "the divisor must be >= 1");
+    const fd::FastDivider f = fd::FastDivider::make(d);
+    for (long long k = 0; k < count; ++k) {
+      require(n[k] >= 0, "the dividend must be >= 0");
+      out[k] = f.divide(n[k]);
+    }
   });
 }
 

@@ -73,16 +73,19 @@ PAD = 64  # guard elements on each side (keeps 16-byte alignment for every dtype
 
 
 class Guarded:
-    """A strided view inside a storage filled with ``fill``; ``untouched()``: nothing outside the view was written."""
+    """A strided view inside a storage filled with ``fill``; ``untouched()``: nothing outside the view was written.
 
-    def __init__(self, shape, strides, dtype, fill=float("nan")):
+    ``offset``: the view starts that many elements past a 16-byte boundary (a misaligned base, as a slice of a
+    larger tensor has)."""
+
+    def __init__(self, shape, strides, dtype, fill=float("nan"), offset: int = 0):
         extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(n > 0 for n in shape) else 0
-        self.storage = torch.full((2 * PAD + extent,), fill, dtype=dtype)
-        self.view = self.storage.as_strided(tuple(shape), tuple(strides), PAD)
+        self.storage = torch.full((2 * PAD + offset + extent,), fill, dtype=dtype)
+        self.view = self.storage.as_strided(tuple(shape), tuple(strides), PAD + offset)
         inside = torch.zeros(self.storage.shape, dtype=torch.bool)
-        inside.as_strided(tuple(shape), tuple(strides), PAD).fill_(True)
+        inside.as_strided(tuple(shape), tuple(strides), PAD + offset).fill_(True)
         self.outside = ~inside
-        assert self.view.data_ptr() % 16 == 0
+        assert (self.view.data_ptr() - offset * self.storage.element_size()) % 16 == 0
 
     def untouched(self) -> bool:
         return bool(torch.isnan(self.storage[self.outside].double()).all())
