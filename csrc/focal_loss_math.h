@@ -53,10 +53,20 @@ struct GammaSchedule {
 };
 
 template <typename T>
-FOCAL_HOST_DEVICE T scheduled_gamma(const GammaSchedule<T>& s, T p_t) {
-  T gamma = s.gammas[s.pieces - 1];
-  for (int k = s.pieces - 2; k >= 0; --k) gamma = p_t < s.thresholds[k] ? s.gammas[k] : gamma;
+struct ScalarMath;
+
+// The rule on any value type: T a scalar, or a vector of lanes with a Math policy whose
+// select_less(a, b, x, y) is a < b ? x : y lane by lane. NaN p_t takes the last piece.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE T scheduled_gamma_of(const GammaSchedule<S>& s, T p_t) {
+  T gamma = T(s.gammas[s.pieces - 1]);
+  for (int k = s.pieces - 2; k >= 0; --k) gamma = Math::select_less(p_t, T(s.thresholds[k]), T(s.gammas[k]), gamma);
   return gamma;
+}
+
+template <typename T>
+FOCAL_HOST_DEVICE T scheduled_gamma(const GammaSchedule<T>& s, T p_t) {
+  return scheduled_gamma_of<T, T, ScalarMath<T>>(s, p_t);
 }
 
 // Overloads so templates can call exp/log/... for float and double alike
@@ -143,6 +153,9 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE T select_positive(T q, T if_positive, T otherwise) {  // q > 0 ? a : b
     return q > T(0) ? if_positive : otherwise;
   }
+  static FOCAL_HOST_DEVICE T select_less(T a, T b, T if_less, T otherwise) {  // a < b ? x : y
+    return a < b ? if_less : otherwise;
+  }
 };
 
 // (1 - p)^gamma, with the usual gammas as products (also 0^0 = 1).
@@ -154,19 +167,81 @@ FOCAL_HOST_DEVICE T modulating_factor(T one_minus_p, S gamma) {
   return Math::pow(one_minus_p, T(gamma));
 }
 
+// x^n for a whole n >= 0 by square-and-multiply (x^0 = 1, as modulating_factor's 0^0).
+template <typename T, typename S>
+FOCAL_HOST_DEVICE T whole_power(T x, int n) {
+  T result = T(S(1));
+  for (; n > 0; n >>= 1) {
+    if (n & 1) result = result * x;
+    x = x * x;
+  }
+  return result;
+}
+
+// Gammas a schedule raises to by products instead of pow: whole numbers up to 8.
+template <typename S>
+FOCAL_HOST_DEVICE bool product_gamma(S gamma) {
+  return gamma >= S(0) && gamma <= S(8) && gamma == S(static_cast<int>(gamma));
+}
+
+// A schedule's gamma for each lane of p_t, and the modulating factor (1 - p_t)^gamma.
+template <typename T>
+struct ScheduledFactor {
+  T gamma;
+  T modulating;
+};
+
+// With every gamma of the schedule whole and small (FLSD-53: 5, 3, 3), each piece's power
+// is a few products, selected per lane like the gamma: cheaper than one pow. Otherwise one
+// pow with the lanes' gammas.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE ScheduledFactor<T> scheduled_modulating_factor(const GammaSchedule<S>& s, T p_t, T one_minus_p) {
+  bool products = true;
+  for (int k = 0; k < s.pieces; ++k) products = products && product_gamma(s.gammas[k]);
+  ScheduledFactor<T> out;
+  out.gamma = scheduled_gamma_of<T, S, Math>(s, p_t);
+  if (!products) {
+    out.modulating = Math::pow(one_minus_p, out.gamma);
+    return out;
+  }
+  out.modulating = whole_power<T, S>(one_minus_p, static_cast<int>(s.gammas[s.pieces - 1]));
+  for (int k = s.pieces - 2; k >= 0; --k) {
+    out.modulating = Math::select_less(p_t, T(s.thresholds[k]),
+                                       whole_power<T, S>(one_minus_p, static_cast<int>(s.gammas[k])), out.modulating);
+  }
+  return out;
+}
+
+// The focal terms given 1 - p, p, the modulating factor (1 - p)^gamma and gamma (per lane):
+// one definition for constant gamma (focal_terms) and schedules (scheduled_focal_terms).
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE FocalTerms<T> focal_terms_given_factor(T log_p, T one_minus_p, T p, T modulating, T gamma, T alpha) {
+  // log(p) / (1 - p), with its limit -1 where p rounds to 1.
+  const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
+  FocalTerms<T> t;
+  t.loss = Math::neg(alpha * modulating * log_p);
+  t.grad_coef = alpha * modulating * (T(S(1)) - gamma * p * log_p_over_q);
+  t.one_minus_p = one_minus_p;
+  return t;
+}
+
 // T: the value type (a scalar, or a vector of lanes); S: the scalar type of gamma.
 template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE FocalTerms<T> focal_terms(T log_p, S gamma, T alpha) {
   const T one_minus_p = Math::neg(Math::expm1(log_p));
   const T p = Math::exp(log_p);
   const T modulating = modulating_factor<T, S, Math>(one_minus_p, gamma);
-  // log(p) / (1 - p), with its limit -1 where p rounds to 1.
-  const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
-  FocalTerms<T> t;
-  t.loss = Math::neg(alpha * modulating * log_p);
-  t.grad_coef = alpha * modulating * (T(S(1)) - T(gamma) * p * log_p_over_q);
-  t.one_minus_p = one_minus_p;
-  return t;
+  return focal_terms_given_factor<T, S, Math>(log_p, one_minus_p, p, modulating, T(gamma), alpha);
+}
+
+// focal_terms with gamma chosen per position from its own p_t by a schedule. The chosen
+// gamma is a constant of the position: the gradient does not differentiate the choice.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE FocalTerms<T> scheduled_focal_terms(T log_p, const GammaSchedule<S>& schedule, T alpha) {
+  const T one_minus_p = Math::neg(Math::expm1(log_p));
+  const T p = Math::exp(log_p);
+  const ScheduledFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, p, one_minus_p);
+  return focal_terms_given_factor<T, S, Math>(log_p, one_minus_p, p, f.modulating, f.gamma, alpha);
 }
 
 // Gradient of one logit given its softmax probability p_j.
@@ -194,28 +269,62 @@ struct SigmoidFocalTerms {
   T grad;
 };
 
+// Everything of one element but the modulating factor and gamma.
+template <typename T>
+struct SigmoidFocalParts {
+  T p_t;  // p y + (1 - p)(1 - y), each product without cancellation
+  T m;    // 1 - p_t
+  T ce;
+  T r;
+  T p_minus_y;
+  T alpha_t;
+};
+
 // use_alpha false: alpha_t = 1 (torchvision's alpha < 0).
 template <typename T, typename S, typename Math = ScalarMath<T>>
-FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
+FOCAL_HOST_DEVICE SigmoidFocalParts<T> sigmoid_focal_parts(T x, T y, S alpha, bool use_alpha) {
   const T zero = T(S(0)), one = T(S(1));
   const T e = Math::exp(Math::neg(Math::abs(x)));
   const T inv = one / (one + e);
   const T p = Math::select_positive(x, inv, e * inv);  // sigmoid(x)
   const T q = Math::select_positive(x, e * inv, inv);  // sigmoid(-x) = 1 - p
-  const T ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
   const T not_y = one - y;
-  const T m = p * not_y + q * y;
-  const T modulating = modulating_factor<T, S, Math>(m, gamma);
+  SigmoidFocalParts<T> parts;
+  parts.ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
+  parts.m = p * not_y + q * y;
+  parts.p_t = p * y + q * not_y;  // unused (optimised away) with a constant gamma
   const T one_minus_2y = not_y - y;
-  const T r = Math::select_positive(m, p * q * one_minus_2y / m, one_minus_2y);
-  const T p_minus_y = p * not_y - q * y;
-  const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
+  parts.r = Math::select_positive(parts.m, p * q * one_minus_2y / parts.m, one_minus_2y);
+  parts.p_minus_y = p * not_y - q * y;
+  parts.alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
+  return parts;
+}
+
+template <typename T>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_given_factor(const SigmoidFocalParts<T>& parts,
+                                                                        T modulating, T gamma) {
   SigmoidFocalTerms<T> out;
-  out.loss = alpha_t * ce * modulating;
+  out.loss = parts.alpha_t * parts.ce * modulating;
   // ce r first: ce reaches |x| (up to the dtype's max) only where r underflows to 0,
   // so gamma ce would overflow to inf and make inf * 0 = NaN.
-  out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * (ce * r));
+  out.grad = parts.alpha_t * modulating * (parts.p_minus_y + gamma * (parts.ce * parts.r));
   return out;
+}
+
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
+  const SigmoidFocalParts<T> parts = sigmoid_focal_parts<T, S, Math>(x, y, alpha, use_alpha);
+  return sigmoid_focal_terms_given_factor(parts, modulating_factor<T, S, Math>(parts.m, gamma), T(gamma));
+}
+
+// sigmoid_focal_terms with gamma chosen per element from its own p_t by a schedule, a
+// constant of the element for the gradient (as for softmax).
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> scheduled_sigmoid_focal_terms(T x, T y, const GammaSchedule<S>& schedule,
+                                                                     S alpha, bool use_alpha) {
+  const SigmoidFocalParts<T> parts = sigmoid_focal_parts<T, S, Math>(x, y, alpha, use_alpha);
+  const ScheduledFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, parts.p_t, parts.m);
+  return sigmoid_focal_terms_given_factor(parts, f.modulating, f.gamma);
 }
 
 }  // namespace focal_cuda
