@@ -193,9 +193,10 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, *, max_iter: int
 
 
 def reliability_diagram(input: torch.Tensor, target: torch.Tensor, path: Optional[str] = None, *, n_bins: int = 15,
-                        from_logits: bool = True, title: Optional[str] = None, axes=None):
+                        from_logits: bool = True, title: Optional[str] = None, axes=None, legend: bool = True):
     """A reliability diagram: each equal-width bin's accuracy (bars) against its confidence, the gap between
-    them shaded, the diagonal of perfect calibration, and the bins' sample counts below. The bin of
+    them shaded, each bin's mean confidence (a black line), the diagonal of perfect calibration, and the
+    bins' sample counts below. The bin of
     confidences exactly 1 is drawn with the last bin. Writes a PNG to ``path`` when given; returns the
     figure. ``axes``: two matplotlib axes to draw into (accuracy, counts) instead of a new figure."""
     import matplotlib.pyplot as plt
@@ -219,17 +220,21 @@ def reliability_diagram(input: torch.Tensor, target: torch.Tensor, path: Optiona
         top, bottom = axes
         fig = top.figure
     m = nonempty.numpy()
+    low, high = torch.minimum(acc, conf).numpy(), torch.maximum(acc, conf).numpy()
+    acc, conf, count, centres = acc.numpy(), conf.numpy(), count.numpy(), centres.numpy()
     top.bar(centres[m], acc[m], width=width, color="#4477aa", edgecolor="black", linewidth=0.5, label="accuracy")
-    top.bar(centres[m], (conf - acc)[m], bottom=acc[m], width=width, color="#ee6677", alpha=0.45,
-            edgecolor="#cc3311", hatch="//", linewidth=0.5, label="gap to confidence")
+    top.bar(centres[m], (high - low)[m], bottom=low[m], width=width, color="#ee6677", alpha=0.5, edgecolor="#cc3311",
+            hatch="//", linewidth=0.5, label="gap to confidence")
+    top.hlines(conf[m], (centres - width / 2)[m], (centres + width / 2)[m], color="black", linewidth=1.2,
+               label="mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     ece = float(expected_calibration_error(input, target, n_bins, from_logits=from_logits))
-    top.set_title(title or "reliability diagram", fontsize=9)
-    top.text(0.04, 0.92, f"ECE {100 * ece:.2f}%", transform=top.transAxes, fontsize=8)
-    top.legend(loc="lower right", fontsize=7)
+    top.set_title(f"{title or 'reliability diagram'}\nECE {100 * ece:.2f}%, {int(count.sum())} samples", fontsize=8)
+    if legend:
+        top.legend(loc="upper left", fontsize=7)
     bottom.bar(centres, count, width=width, color="#999999", edgecolor="black", linewidth=0.5)
     bottom.set_yscale("symlog", linthresh=1)
     bottom.set_xlabel("confidence")
