@@ -184,9 +184,9 @@ FOCAL_HOST_DEVICE bool product_gamma(S gamma) {
   return gamma >= S(0) && gamma <= S(8) && gamma == S(static_cast<int>(gamma));
 }
 
-// A schedule's gamma for each lane of p_t, and the modulating factor (1 - p_t)^gamma.
+// An element's (or lanes') gamma and modulating factor (1 - p_t)^gamma.
 template <typename T>
-struct ScheduledFactor {
+struct ModulatingFactor {
   T gamma;
   T modulating;
 };
@@ -195,10 +195,10 @@ struct ScheduledFactor {
 // is a few products, selected per lane like the gamma: cheaper than one pow. Otherwise one
 // pow with the lanes' gammas.
 template <typename T, typename S, typename Math = ScalarMath<T>>
-FOCAL_HOST_DEVICE ScheduledFactor<T> scheduled_modulating_factor(const GammaSchedule<S>& s, T p_t, T one_minus_p) {
+FOCAL_HOST_DEVICE ModulatingFactor<T> scheduled_modulating_factor(const GammaSchedule<S>& s, T p_t, T one_minus_p) {
   bool products = true;
   for (int k = 0; k < s.pieces; ++k) products = products && product_gamma(s.gammas[k]);
-  ScheduledFactor<T> out;
+  ModulatingFactor<T> out;
   out.gamma = scheduled_gamma_of<T, S, Math>(s, p_t);
   if (!products) {
     out.modulating = Math::pow(one_minus_p, out.gamma);
@@ -240,7 +240,7 @@ template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE FocalTerms<T> scheduled_focal_terms(T log_p, const GammaSchedule<S>& schedule, T alpha) {
   const T one_minus_p = Math::neg(Math::expm1(log_p));
   const T p = Math::exp(log_p);
-  const ScheduledFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, p, one_minus_p);
+  const ModulatingFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, p, one_minus_p);
   return focal_terms_given_factor<T, S, Math>(log_p, one_minus_p, p, f.modulating, f.gamma, alpha);
 }
 
@@ -269,52 +269,54 @@ struct SigmoidFocalTerms {
   T grad;
 };
 
-// Everything of one element but the modulating factor and gamma.
-template <typename T>
-struct SigmoidFocalParts {
-  T p_t;  // p y + (1 - p)(1 - y), each product without cancellation
-  T m;    // 1 - p_t
-  T ce;
-  T r;
-  T p_minus_y;
-  T alpha_t;
+// The factor (1 - p_t)^gamma of an element and its gamma, from m = 1 - p_t (constant gamma) or from
+// p_t = p y + (1 - p)(1 - y) (a schedule); p, q = 1 - p, y and 1 - y are given.
+template <typename T, typename S, typename Math>
+struct ConstantGammaFactor {
+  S gamma;
+  FOCAL_HOST_DEVICE ModulatingFactor<T> operator()(T m, T, T, T, T) const {
+    ModulatingFactor<T> f;
+    f.gamma = T(gamma);
+    f.modulating = modulating_factor<T, S, Math>(m, gamma);
+    return f;
+  }
 };
 
-// use_alpha false: alpha_t = 1 (torchvision's alpha < 0).
-template <typename T, typename S, typename Math = ScalarMath<T>>
-FOCAL_HOST_DEVICE SigmoidFocalParts<T> sigmoid_focal_parts(T x, T y, S alpha, bool use_alpha) {
+template <typename T, typename S, typename Math>
+struct ScheduleGammaFactor {
+  const GammaSchedule<S>& schedule;
+  FOCAL_HOST_DEVICE ModulatingFactor<T> operator()(T m, T p, T q, T y, T not_y) const {
+    return scheduled_modulating_factor<T, S, Math>(schedule, p * y + q * not_y, m);
+  }
+};
+
+// use_alpha false: alpha_t = 1 (torchvision's alpha < 0). Factor: one of the two above.
+template <typename T, typename S, typename Math, typename Factor>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_with(T x, T y, S alpha, bool use_alpha, Factor factor) {
   const T zero = T(S(0)), one = T(S(1));
   const T e = Math::exp(Math::neg(Math::abs(x)));
   const T inv = one / (one + e);
   const T p = Math::select_positive(x, inv, e * inv);  // sigmoid(x)
   const T q = Math::select_positive(x, e * inv, inv);  // sigmoid(-x) = 1 - p
+  const T ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
   const T not_y = one - y;
-  SigmoidFocalParts<T> parts;
-  parts.ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
-  parts.m = p * not_y + q * y;
-  parts.p_t = p * y + q * not_y;  // unused (optimised away) with a constant gamma
+  const T m = p * not_y + q * y;
+  const ModulatingFactor<T> f = factor(m, p, q, y, not_y);
   const T one_minus_2y = not_y - y;
-  parts.r = Math::select_positive(parts.m, p * q * one_minus_2y / parts.m, one_minus_2y);
-  parts.p_minus_y = p * not_y - q * y;
-  parts.alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
-  return parts;
-}
-
-template <typename T>
-FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_given_factor(const SigmoidFocalParts<T>& parts,
-                                                                        T modulating, T gamma) {
+  const T r = Math::select_positive(m, p * q * one_minus_2y / m, one_minus_2y);
+  const T p_minus_y = p * not_y - q * y;
+  const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
   SigmoidFocalTerms<T> out;
-  out.loss = parts.alpha_t * parts.ce * modulating;
+  out.loss = alpha_t * ce * f.modulating;
   // ce r first: ce reaches |x| (up to the dtype's max) only where r underflows to 0,
   // so gamma ce would overflow to inf and make inf * 0 = NaN.
-  out.grad = parts.alpha_t * modulating * (parts.p_minus_y + gamma * (parts.ce * parts.r));
+  out.grad = alpha_t * f.modulating * (p_minus_y + f.gamma * (ce * r));
   return out;
 }
 
 template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
-  const SigmoidFocalParts<T> parts = sigmoid_focal_parts<T, S, Math>(x, y, alpha, use_alpha);
-  return sigmoid_focal_terms_given_factor(parts, modulating_factor<T, S, Math>(parts.m, gamma), T(gamma));
+  return sigmoid_focal_terms_with<T, S, Math>(x, y, alpha, use_alpha, ConstantGammaFactor<T, S, Math>{gamma});
 }
 
 // sigmoid_focal_terms with gamma chosen per element from its own p_t by a schedule, a
@@ -322,9 +324,7 @@ FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S 
 template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE SigmoidFocalTerms<T> scheduled_sigmoid_focal_terms(T x, T y, const GammaSchedule<S>& schedule,
                                                                      S alpha, bool use_alpha) {
-  const SigmoidFocalParts<T> parts = sigmoid_focal_parts<T, S, Math>(x, y, alpha, use_alpha);
-  const ScheduledFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, parts.p_t, parts.m);
-  return sigmoid_focal_terms_given_factor(parts, f.modulating, f.gamma);
+  return sigmoid_focal_terms_with<T, S, Math>(x, y, alpha, use_alpha, ScheduleGammaFactor<T, S, Math>{schedule});
 }
 
 }  // namespace focal_cuda

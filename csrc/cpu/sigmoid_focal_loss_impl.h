@@ -45,8 +45,10 @@ struct SigmoidParams {
   int64_t ignore_index;
 };
 
-// Elements [begin, end) of the flat logits; returns their loss sum.
-template <typename scalar_t, typename target_t, typename acc_t>
+// Elements [begin, end) of the flat logits; returns their loss sum. kScheduled: gamma from prm.schedule
+// (a template parameter: the compiler would otherwise share the terms' common part between the two
+// branches and compute the schedule's p_t for a constant gamma too).
+template <bool kScheduled, typename scalar_t, typename target_t, typename acc_t>
 double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, scalar_t* grad,
                           const PerElementLoss<scalar_t, acc_t>& loss_out, int64_t begin, int64_t end,
                           const SigmoidParams<acc_t>& prm) {
@@ -81,10 +83,13 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
     const Pack zero(acc_t(0)), grad_scale(prm.grad_scale);
     for (int64_t v = 0; v < padded; v += VS) {
       const Pack xv = Pack::loadu(x + v), yv = Pack::loadu(y + v);
-      const auto terms =
-          prm.scheduled
-              ? scheduled_sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.schedule, prm.alpha, prm.use_alpha)
-              : sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.gamma, prm.alpha, prm.use_alpha);
+      SigmoidFocalTerms<Pack> terms;
+      if constexpr (kScheduled) {
+        terms = scheduled_sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.schedule, prm.alpha,
+                                                                          prm.use_alpha);
+      } else {
+        terms = sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.gamma, prm.alpha, prm.use_alpha);
+      }
       // Ignored elements and padding get exact zeros (0 * NaN would not be 0).
       const Pack kept = Pack::loadu(keep + v) > zero;
       const Pack l = Pack::blendv(zero, terms.loss, kept);
@@ -143,7 +148,11 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t k = cb; k < ce; ++k) {
           const int64_t begin = k * chunk, end = std::min(numel, begin + chunk);
-          partial[k] = sigmoid_focal_span<scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin, end, prm);
+          partial[k] = prm.scheduled
+                           ? sigmoid_focal_span<true, scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin,
+                                                                                 end, prm)
+                           : sigmoid_focal_span<false, scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin,
+                                                                                  end, prm);
         }
       });
     };
