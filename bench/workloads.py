@@ -18,6 +18,10 @@ class Workload:
     small_shape: tuple[int, ...]
     ignore_fraction: float = 0.0
     note: str = ""
+    # The focal-loss gamma every provider computes: a number, or a GammaSchedule preset's name
+    # ("flsd53": the workload compares focal_cuda's fused schedule with its constant gamma and the
+    # ways FLSD-53 is written in plain PyTorch; no ignored targets, which the public code lacks).
+    gamma: object = 2.0
 
     def shape(self, device: torch.device, small: bool) -> tuple[int, ...]:
         if small:
@@ -64,6 +68,8 @@ WORKLOADS: dict[str, Workload] = {
                  ignore_fraction=0.05, note="softmax NCHW, uint8 masks, 5% ignored (255)"),
         Workload("classification", "softmax", "index", (65536, 1000), (65536, 1000), (4096, 1000),
                  note="softmax (N, C), int64 targets"),
+        Workload("classification_flsd53", "softmax", "index", (65536, 1000), (65536, 1000), (4096, 1000),
+                 note="softmax (N, C), int64 targets, FLSD-53 gamma schedule", gamma="flsd53"),
     )
 }
 

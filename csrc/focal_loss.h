@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,6 +33,23 @@ struct GammaSchedulePlan {
 // Validates the schedule (raising ValueError naming the argument and value) for `op`.
 GammaSchedulePlan plan_gamma_schedule(double gamma, at::ArrayRef<double> thresholds, at::ArrayRef<double> values,
                                       const char* op);
+
+// The plan as the kernels read it, in their arithmetic type T. Float thresholds are rounded
+// up: no float lies in [t, float t), so p < (float t) in float is (double)p < t as given, the
+// rule of the public FLSD code (a float32 p_t's .item() against a Python float).
+template <typename T>
+GammaSchedule<T> kernel_gamma_schedule(const GammaSchedulePlan& plan) {
+  GammaSchedule<T> s{};
+  s.pieces = static_cast<int>(plan.thresholds.size()) + 1;
+  for (size_t k = 0; k < plan.thresholds.size(); ++k) {
+    T t = static_cast<T>(plan.thresholds[k]);
+    if (static_cast<double>(t) < plan.thresholds[k]) t = std::nextafter(t, T(2));
+    s.thresholds[k] = t;
+    s.gammas[k] = static_cast<T>(plan.values[k]);
+  }
+  s.gammas[s.pieces - 1] = static_cast<T>(plan.gamma);
+  return s;
+}
 
 // The loss's dtype: the input's, or float32 for a float16 / bfloat16 input (autocast's
 // rule for losses); anything else raises naming loss_dtype.

@@ -53,10 +53,20 @@ struct GammaSchedule {
 };
 
 template <typename T>
-FOCAL_HOST_DEVICE T scheduled_gamma(const GammaSchedule<T>& s, T p_t) {
-  T gamma = s.gammas[s.pieces - 1];
-  for (int k = s.pieces - 2; k >= 0; --k) gamma = p_t < s.thresholds[k] ? s.gammas[k] : gamma;
+struct ScalarMath;
+
+// The rule on any value type: T a scalar, or a vector of lanes with a Math policy whose
+// select_less(a, b, x, y) is a < b ? x : y lane by lane. NaN p_t takes the last piece.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE T scheduled_gamma_of(const GammaSchedule<S>& s, T p_t) {
+  T gamma = T(s.gammas[s.pieces - 1]);
+  for (int k = s.pieces - 2; k >= 0; --k) gamma = Math::select_less(p_t, T(s.thresholds[k]), T(s.gammas[k]), gamma);
   return gamma;
+}
+
+template <typename T>
+FOCAL_HOST_DEVICE T scheduled_gamma(const GammaSchedule<T>& s, T p_t) {
+  return scheduled_gamma_of<T, T, ScalarMath<T>>(s, p_t);
 }
 
 // Overloads so templates can call exp/log/... for float and double alike
@@ -145,6 +155,9 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE T select_positive(T q, T if_positive, T otherwise) {  // q > 0 ? a : b
     return q > T(0) ? if_positive : otherwise;
   }
+  static FOCAL_HOST_DEVICE T select_less(T a, T b, T if_less, T otherwise) {  // a < b ? x : y
+    return a < b ? if_less : otherwise;
+  }
 };
 
 // (1 - p)^gamma, with the usual gammas as products (also 0^0 = 1).
@@ -156,19 +169,81 @@ FOCAL_HOST_DEVICE T modulating_factor(T one_minus_p, S gamma) {
   return Math::pow(one_minus_p, T(gamma));
 }
 
+// x^n for a whole n >= 0 by square-and-multiply (x^0 = 1, as modulating_factor's 0^0).
+template <typename T, typename S>
+FOCAL_HOST_DEVICE T whole_power(T x, int n) {
+  T result = T(S(1));
+  for (; n > 0; n >>= 1) {
+    if (n & 1) result = result * x;
+    x = x * x;
+  }
+  return result;
+}
+
+// Gammas a schedule raises to by products instead of pow: whole numbers up to 8.
+template <typename S>
+FOCAL_HOST_DEVICE bool product_gamma(S gamma) {
+  return gamma >= S(0) && gamma <= S(8) && gamma == S(static_cast<int>(gamma));
+}
+
+// An element's (or lanes') gamma and modulating factor (1 - p_t)^gamma.
+template <typename T>
+struct ModulatingFactor {
+  T gamma;
+  T modulating;
+};
+
+// With every gamma of the schedule whole and small (FLSD-53: 5, 3, 3), each piece's power
+// is a few products, selected per lane like the gamma: cheaper than one pow. Otherwise one
+// pow with the lanes' gammas.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE ModulatingFactor<T> scheduled_modulating_factor(const GammaSchedule<S>& s, T p_t, T one_minus_p) {
+  bool products = true;
+  for (int k = 0; k < s.pieces; ++k) products = products && product_gamma(s.gammas[k]);
+  ModulatingFactor<T> out;
+  out.gamma = scheduled_gamma_of<T, S, Math>(s, p_t);
+  if (!products) {
+    out.modulating = Math::pow(one_minus_p, out.gamma);
+    return out;
+  }
+  out.modulating = whole_power<T, S>(one_minus_p, static_cast<int>(s.gammas[s.pieces - 1]));
+  for (int k = s.pieces - 2; k >= 0; --k) {
+    out.modulating = Math::select_less(p_t, T(s.thresholds[k]),
+                                       whole_power<T, S>(one_minus_p, static_cast<int>(s.gammas[k])), out.modulating);
+  }
+  return out;
+}
+
+// The focal terms given 1 - p, p, the modulating factor (1 - p)^gamma and gamma (per lane):
+// one definition for constant gamma (focal_terms) and schedules (scheduled_focal_terms).
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE FocalTerms<T> focal_terms_given_factor(T log_p, T one_minus_p, T p, T modulating, T gamma, T alpha) {
+  // log(p) / (1 - p), with its limit -1 where p rounds to 1.
+  const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
+  FocalTerms<T> t;
+  t.loss = Math::neg(alpha * modulating * log_p);
+  t.grad_coef = alpha * modulating * (T(S(1)) - gamma * p * log_p_over_q);
+  t.one_minus_p = one_minus_p;
+  return t;
+}
+
 // T: the value type (a scalar, or a vector of lanes); S: the scalar type of gamma.
 template <typename T, typename S, typename Math = ScalarMath<T>>
 FOCAL_HOST_DEVICE FocalTerms<T> focal_terms(T log_p, S gamma, T alpha) {
   const T one_minus_p = Math::neg(Math::expm1(log_p));
   const T p = Math::exp(log_p);
   const T modulating = modulating_factor<T, S, Math>(one_minus_p, gamma);
-  // log(p) / (1 - p), with its limit -1 where p rounds to 1.
-  const T log_p_over_q = Math::select_positive(one_minus_p, log_p / one_minus_p, T(S(-1)));
-  FocalTerms<T> t;
-  t.loss = Math::neg(alpha * modulating * log_p);
-  t.grad_coef = alpha * modulating * (T(S(1)) - T(gamma) * p * log_p_over_q);
-  t.one_minus_p = one_minus_p;
-  return t;
+  return focal_terms_given_factor<T, S, Math>(log_p, one_minus_p, p, modulating, T(gamma), alpha);
+}
+
+// focal_terms with gamma chosen per position from its own p_t by a schedule. The chosen
+// gamma is a constant of the position: the gradient does not differentiate the choice.
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE FocalTerms<T> scheduled_focal_terms(T log_p, const GammaSchedule<S>& schedule, T alpha) {
+  const T one_minus_p = Math::neg(Math::expm1(log_p));
+  const T p = Math::exp(log_p);
+  const ModulatingFactor<T> f = scheduled_modulating_factor<T, S, Math>(schedule, p, one_minus_p);
+  return focal_terms_given_factor<T, S, Math>(log_p, one_minus_p, p, f.modulating, f.gamma, alpha);
 }
 
 // Gradient of one logit given its softmax probability p_j.
@@ -196,9 +271,30 @@ struct SigmoidFocalTerms {
   T grad;
 };
 
-// use_alpha false: alpha_t = 1 (torchvision's alpha < 0).
-template <typename T, typename S, typename Math = ScalarMath<T>>
-FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
+// The factor (1 - p_t)^gamma of an element and its gamma, from m = 1 - p_t (constant gamma) or from
+// p_t = p y + (1 - p)(1 - y) (a schedule); p, q = 1 - p, y and 1 - y are given.
+template <typename T, typename S, typename Math>
+struct ConstantGammaFactor {
+  S gamma;
+  FOCAL_HOST_DEVICE ModulatingFactor<T> operator()(T m, T, T, T, T) const {
+    ModulatingFactor<T> f;
+    f.gamma = T(gamma);
+    f.modulating = modulating_factor<T, S, Math>(m, gamma);
+    return f;
+  }
+};
+
+template <typename T, typename S, typename Math>
+struct ScheduleGammaFactor {
+  const GammaSchedule<S>& schedule;
+  FOCAL_HOST_DEVICE ModulatingFactor<T> operator()(T m, T p, T q, T y, T not_y) const {
+    return scheduled_modulating_factor<T, S, Math>(schedule, p * y + q * not_y, m);
+  }
+};
+
+// use_alpha false: alpha_t = 1 (torchvision's alpha < 0). Factor: one of the two above.
+template <typename T, typename S, typename Math, typename Factor>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms_with(T x, T y, S alpha, bool use_alpha, Factor factor) {
   const T zero = T(S(0)), one = T(S(1));
   const T e = Math::exp(Math::neg(Math::abs(x)));
   const T inv = Math::recip(one + e);
@@ -207,16 +303,16 @@ FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S 
   const T ce = Math::select_positive(x, x, zero) - x * y + Math::log1p(e);
   const T not_y = one - y;
   const T m = p * not_y + q * y;
-  const T modulating = modulating_factor<T, S, Math>(m, gamma);
+  const ModulatingFactor<T> f = factor(m, p, q, y, not_y);
   const T one_minus_2y = not_y - y;
   const T r = Math::select_positive(m, Math::div(p * q * one_minus_2y, m), one_minus_2y);
   const T p_minus_y = p * not_y - q * y;
   const T alpha_t = use_alpha ? T(alpha) * y + T(S(1) - alpha) * not_y : one;
   SigmoidFocalTerms<T> out;
-  out.loss = alpha_t * ce * modulating;
+  out.loss = alpha_t * ce * f.modulating;
   // ce r first: ce reaches |x| (up to the dtype's max) only where r underflows to 0,
   // so gamma ce would overflow to inf and make inf * 0 = NaN.
-  out.grad = alpha_t * modulating * (p_minus_y + T(gamma) * (ce * r));
+  out.grad = alpha_t * f.modulating * (p_minus_y + f.gamma * (ce * r));
   return out;
 }
 
@@ -253,6 +349,19 @@ FOCAL_HOST_DEVICE T sigmoid_p_t(T x, T y) {
   const T p = Math::select_positive(x, inv, e * inv);
   const T q = Math::select_positive(x, e * inv, inv);
   return p * y + q * (T(1) - y);
+}
+
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> sigmoid_focal_terms(T x, T y, S gamma, S alpha, bool use_alpha) {
+  return sigmoid_focal_terms_with<T, S, Math>(x, y, alpha, use_alpha, ConstantGammaFactor<T, S, Math>{gamma});
+}
+
+// sigmoid_focal_terms with gamma chosen per element from its own p_t by a schedule, a
+// constant of the element for the gradient (as for softmax).
+template <typename T, typename S, typename Math = ScalarMath<T>>
+FOCAL_HOST_DEVICE SigmoidFocalTerms<T> scheduled_sigmoid_focal_terms(T x, T y, const GammaSchedule<S>& schedule,
+                                                                     S alpha, bool use_alpha) {
+  return sigmoid_focal_terms_with<T, S, Math>(x, y, alpha, use_alpha, ScheduleGammaFactor<T, S, Math>{schedule});
 }
 
 }  // namespace focal_cuda

@@ -7,11 +7,20 @@ from typing import Any
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, _ops  # noqa: F401  (registers the operators)
-from . import reference
+from . import calibration, reference
 from .functional import sigmoid_focal_loss, softmax_focal_loss
 from .modules import FusedFocalLoss
+from .schedule import GammaSchedule
 
-__all__ = ["FusedFocalLoss", "build_info", "reference", "sigmoid_focal_loss", "softmax_focal_loss"]
+__all__ = [
+    "FusedFocalLoss",
+    "GammaSchedule",
+    "build_info",
+    "calibration",
+    "reference",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+]
 __version__ = "0.1.0"
 
 

@@ -10,8 +10,9 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
+from .schedule import Gamma, GammaSchedule, op_gamma_arguments, resolve_gamma
 
-__all__ = ["sigmoid_focal_loss", "softmax_focal_loss"]
+__all__ = ["GammaSchedule", "sigmoid_focal_loss", "softmax_focal_loss"]
 
 Alpha = Union[None, float, Sequence[float], torch.Tensor]
 Normalizer = Union[None, float, torch.Tensor]
@@ -24,9 +25,18 @@ def reduction_code(reduction: str) -> int:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got reduction={reduction!r}") from None
 
 
-def _check_gamma(gamma: float) -> None:
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
+# Devices whose kernels write a float32 loss for 16-bit logits (loss_dtype).
+_FLOAT32_LOSS_DEVICES = ("cpu", "cuda")
+
+
+def autocast_loss_dtype(input: torch.Tensor) -> Optional[torch.dtype]:
+    """float32 for float16 / bfloat16 logits under autocast on their device (F.cross_entropy's result dtype
+    there), else None (the input's dtype). The logits are read as they are either way."""
+    if not isinstance(input, torch.Tensor) or input.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if input.device.type not in _FLOAT32_LOSS_DEVICES:
+        return None
+    return torch.float32 if torch.is_autocast_enabled(input.device.type) else None
 
 
 # Per-class weights given as sequences, already on a device: (values, device, dtype) -> tensor. A
@@ -77,7 +87,7 @@ def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tens
 def softmax_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
-    gamma: float = 2.0,
+    gamma: Gamma = 2.0,
     alpha: Alpha = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -87,19 +97,22 @@ def softmax_focal_loss(
     Args:
         input: logits ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16, bfloat16, float32 or float64.
         target: class indices ``(N)`` or ``(N, d1, ..., dk)``; int64, int32, int16 or uint8.
-        gamma: focusing parameter, a finite float ``>= 0``.
+        gamma: focusing parameter, a finite float ``>= 0``; or a :class:`GammaSchedule` (gamma per position
+            from its own ``p_y``), or a preset's name: ``"flsd53"`` (= ``GammaSchedule.flsd53()``).
         alpha: ``None``, a float weighting every class, or ``C`` per-class weights (``alpha[y]``).
         ignore_index: targets equal to it contribute 0 and are not counted by ``"mean"``.
         reduction: ``"none"`` (target-shaped), ``"sum"``, or ``"mean"`` (sum / non-ignored count; 0 if none).
 
+    The loss has the input's dtype, except float32 for float16 / bfloat16 logits under autocast.
     One fused kernel computes loss, reduction and (when ``input`` requires grad) the gradient.
     """
-    _check_gamma(gamma)
+    gamma, thresholds, values = op_gamma_arguments(resolve_gamma(gamma))
     code = reduction_code(reduction)
     class_weight, alpha_scalar = _split_alpha(alpha, input)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _, _ = torch.ops.focal_cuda.softmax_focal_loss_forward(
-        input, target, class_weight, alpha_scalar, float(gamma), int(ignore_index), code, compute_grad, True
+        input, target, class_weight, alpha_scalar, gamma, int(ignore_index), code, compute_grad, True,
+        thresholds, values, autocast_loss_dtype(input),
     )
     return loss
 
@@ -108,7 +121,7 @@ def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     alpha: float = 0.25,
-    gamma: float = 2.0,
+    gamma: Gamma = 2.0,
     reduction: str = "none",
     *,
     ignore_index: int = -100,
@@ -127,7 +140,8 @@ def sigmoid_focal_loss(
             ``ignore_index`` drops the position (uint8 masks with 255 work as they are). No one-hot tensor
             is built.
         alpha: weight of the positives, ``1 - alpha`` of the negatives; ``alpha < 0``: no weighting.
-        gamma: focusing parameter, a finite float ``>= 0``.
+        gamma: focusing parameter, a finite float ``>= 0``; or a :class:`GammaSchedule` (gamma per element
+            from its own ``p_t = p y + (1 - p)(1 - y)``), or a preset's name (``"flsd53"``).
         reduction: ``"none"`` (the inputs' shape), ``"sum"``, or ``"mean"``: sum / number of elements
             (dense) or / (non-ignored rows x C) (index), 0 when that is 0.
         ignore_index: index targets only.
@@ -138,9 +152,10 @@ def sigmoid_focal_loss(
             value per image (a 1-D tensor of length ``inputs.shape[0]`` on the inputs' device): the loss
             is then the sum over images of (the image's summed loss) / normalizer[image].
 
+    The loss has the inputs' dtype, except float32 for float16 / bfloat16 logits under autocast.
     One fused kernel computes loss, reduction and (when ``inputs`` requires grad) the gradient.
     """
-    _check_gamma(gamma)
+    gamma, thresholds, values = op_gamma_arguments(resolve_gamma(gamma))
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (< 0 for no weighting), got alpha={alpha!r}")
     code = reduction_code(reduction)
@@ -154,7 +169,7 @@ def sigmoid_focal_loss(
         normalizer = torch.tensor(float(normalizer), dtype=torch.float64)
     compute_grad = inputs.requires_grad and torch.is_grad_enabled()
     loss, _, _ = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-        inputs, targets, float(alpha), float(gamma), int(ignore_index), code, normalizer, compute_grad, True,
-        class_dim=int(class_dim),
+        inputs, targets, float(alpha), gamma, int(ignore_index), code, normalizer, compute_grad, True,
+        thresholds, values, autocast_loss_dtype(inputs), class_dim=int(class_dim),
     )
     return loss

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .functional import Alpha, Normalizer, reduction_code, sigmoid_focal_loss, softmax_focal_loss
+from .schedule import Gamma, GammaSchedule, resolve_gamma
 
 __all__ = ["FusedFocalLoss"]
 
@@ -24,13 +25,15 @@ class FusedFocalLoss(nn.Module):
     with ``class_dim=1``), ``target`` dense floats of the same shape or class indices of the input's shape without
     the class dim (``C`` = background); ``alpha`` is ``None`` (no weighting) or a float (torchvision's alpha).
     ``forward`` also takes ``normalizer`` (``reduction="mean"`` only).
+
+    ``gamma``: a float, a :class:`GammaSchedule` or a preset's name (``"flsd53"``), as the functions take it.
     """
 
     class_weight: Optional[torch.Tensor]
 
     def __init__(
         self,
-        gamma: float = 2.0,
+        gamma: Gamma = 2.0,
         alpha: Alpha = None,
         ignore_index: int = -100,
         reduction: str = "mean",
@@ -41,7 +44,7 @@ class FusedFocalLoss(nn.Module):
         if mode not in _MODES:
             raise ValueError(f"mode must be 'softmax' or 'sigmoid', got mode={mode!r}")
         reduction_code(reduction)
-        self.gamma = float(gamma)
+        self.gamma: Union[float, GammaSchedule] = resolve_gamma(gamma)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.mode = mode

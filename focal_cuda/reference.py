@@ -14,7 +14,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sigmoid_focal_loss", "softmax_focal_loss", "softmax_focal_loss_lean"]
+from .schedule import Gamma, GammaSchedule, resolve_gamma
+
+__all__ = ["loss_dtype", "scheduled_gamma", "sigmoid_focal_loss", "softmax_focal_loss", "softmax_focal_loss_lean"]
 
 Alpha = Union[None, float, Sequence[float], torch.Tensor]
 
@@ -22,10 +24,34 @@ _TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def loss_dtype(input: torch.Tensor) -> torch.dtype:
+    """The loss's dtype: the input's, but float32 for float16 / bfloat16 logits under autocast on their device
+    (as F.cross_entropy returns there)."""
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
+
+
+def scheduled_gamma(p_t: torch.Tensor, gamma: Gamma) -> torch.Tensor:
+    """Each element's gamma (float64): the first ``gammas[k]`` with ``p_t < thresholds[k]``, compared in float64
+    against the thresholds as given; ``gammas[-1]`` at or above every threshold. A number: that gamma everywhere."""
+    gamma = resolve_gamma(gamma)
+    if isinstance(gamma, GammaSchedule):
+        return gamma.gamma_of(p_t)
+    return torch.full(p_t.shape, gamma, dtype=torch.float64, device=p_t.device)
+
+
+def _modulated(loss: torch.Tensor, one_minus_p_t: torch.Tensor, p_t: torch.Tensor, gamma) -> torch.Tensor:
+    """loss * (1 - p_t)**gamma, gamma a number or a schedule evaluated on p_t (a constant of each element)."""
+    if isinstance(gamma, GammaSchedule):
+        return loss * one_minus_p_t ** gamma.gamma_of(p_t).to(loss.dtype)
+    return loss * one_minus_p_t**gamma if gamma != 0 else loss
+
+
 def softmax_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
-    gamma: float = 2.0,
+    gamma: Gamma = 2.0,
     alpha: Alpha = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -35,13 +61,15 @@ def softmax_focal_loss(
     Args:
         input: logits ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16, bfloat16, float32 or float64.
         target: class indices ``(N)`` or ``(N, d1, ..., dk)``; int64, int32, int16 or uint8.
-        gamma: focusing parameter, a finite number ``>= 0``.
+        gamma: focusing parameter, a finite number ``>= 0``; or a GammaSchedule (or preset name): each
+            position's gamma from its own ``p_y = exp(log_softmax(input)[y])`` by :func:`scheduled_gamma`.
         alpha: ``None``, a float weighting every class, or ``C`` per-class weights (``alpha[y]``).
         ignore_index: targets equal to it contribute 0 and are not counted by ``"mean"``.
         reduction: ``"none"`` (target-shaped, 0 where ignored), ``"sum"``, or ``"mean"``
             (sum / number of non-ignored elements; 0 when every element is ignored).
 
-    Math runs in float32 (float64 for float64 input); the result has the input's dtype.
+    Math runs in float32 (float64 for float64 input); the result has the input's dtype (float32 for 16-bit
+    input under autocast: :func:`loss_dtype`).
     """
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got input.dtype={input.dtype}")
@@ -52,8 +80,7 @@ def softmax_focal_loss(
     expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
         raise ValueError(f"target must have shape {tuple(expected)}, got target.shape={tuple(target.shape)}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
+    gamma = resolve_gamma(gamma)
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got reduction={reduction!r}")
 
@@ -69,9 +96,7 @@ def softmax_focal_loss(
 
     logp = F.log_softmax(input.to(acc), dim=1)
     logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    loss = -logp_t
-    if gamma != 0:
-        loss = loss * (-torch.expm1(logp_t)) ** gamma
+    loss = _modulated(-logp_t, -torch.expm1(logp_t), logp_t.exp(), gamma)
 
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 0:
         alpha = float(alpha)
@@ -90,7 +115,7 @@ def softmax_focal_loss(
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / valid.sum().clamp(min=1).to(acc)
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype(input))
 
 
 Normalizer = Union[None, float, torch.Tensor]
@@ -100,7 +125,7 @@ def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     alpha: float = 0.25,
-    gamma: float = 2.0,
+    gamma: Gamma = 2.0,
     reduction: str = "none",
     *,
     ignore_index: int = -100,
@@ -116,7 +141,8 @@ def sigmoid_focal_loss(
             ``c`` in ``[0, C)`` is the row's positive class, ``C`` is background (every class
             negative) and ``ignore_index`` drops the whole row.
         alpha: weight of the positives (``1 - alpha`` for the negatives); ``alpha < 0``: no weighting.
-        gamma: focusing parameter, a finite number ``>= 0``.
+        gamma: focusing parameter, a finite number ``>= 0``; or a GammaSchedule (or preset name): each
+            element's gamma from its own ``p_t = p y + (1 - p)(1 - y)`` by :func:`scheduled_gamma`.
         reduction: ``"none"`` (the inputs' shape, 0 on ignored rows), ``"sum"``, or ``"mean"``:
             sum / number of elements (index targets: non-ignored rows x C; 0 when that is 0).
         ignore_index: index targets only.
@@ -127,7 +153,8 @@ def sigmoid_focal_loss(
 
     Dense targets: equals ``torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)``.
     Index targets: equals the dense form on the one-hot targets, ignored rows contributing 0.
-    Math runs in float32 (float64 for float64 inputs); the result has the inputs' dtype.
+    Math runs in float32 (float64 for float64 inputs); the result has the inputs' dtype (float32 for 16-bit
+    inputs under autocast: :func:`loss_dtype`).
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a tensor, got inputs={type(inputs).__name__}")
@@ -169,8 +196,7 @@ def sigmoid_focal_loss(
         alpha = float(alpha)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (< 0: no weighting), got alpha={alpha!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got gamma={gamma!r}")
+    gamma = resolve_gamma(gamma)
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got reduction={reduction!r}")
     if normalizer is not None:
@@ -212,10 +238,9 @@ def sigmoid_focal_loss(
     # in both tails (and autograd's derivative is sigmoid, 1/2 at 0).
     zero = torch.zeros_like(x)
     ce = (1 - y) * torch.logaddexp(x, zero) + y * torch.logaddexp(-x, zero)
-    loss = ce
-    if gamma != 0:
-        one_minus_p_t = p * (1 - y) + torch.sigmoid(-x) * y  # = 1 - p_t, without cancellation in either tail
-        loss = loss * one_minus_p_t**gamma
+    q = torch.sigmoid(-x)
+    # 1 - p_t and p_t, each without cancellation in either tail
+    loss = _modulated(ce, p * (1 - y) + q * y, p * y + q * (1 - y), gamma)
     if alpha >= 0:
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))
     if valid is not None:
@@ -237,7 +262,7 @@ def sigmoid_focal_loss(
             loss = (loss.reshape(loss.shape[0], -1).sum(dim=1) / denominator).sum()
         else:
             loss = loss.sum() / denominator
-    return loss.to(inputs.dtype)
+    return loss.to(loss_dtype(inputs))
 
 
 def softmax_focal_loss_lean(

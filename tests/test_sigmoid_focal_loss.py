@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import focal_cuda
 from focal_cuda import reference
+from focal_cuda.functional import _FLOAT32_LOSS_DEVICES
 
 OP = torch.ops.focal_cuda
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -1114,12 +1115,13 @@ def test_autocast_bf16(device, gen, mode):
         assert logits.dtype == torch.bfloat16
         logits.retain_grad()
         loss = focal_cuda.sigmoid_focal_loss(logits, t, gamma=2.0, reduction="sum")
-    assert loss.dtype == torch.bfloat16, "bfloat16 logits consumed as they are"
+    # float32 under autocast, as F.cross_entropy (CUDA: once its kernels take loss_dtype)
+    assert loss.dtype == (torch.float32 if device in _FLOAT32_LOSS_DEVICES else torch.bfloat16)
     loss.backward()
-    # bitwise what the op computes on the bfloat16 logits outside autocast
+    # bitwise what the op computes on the bfloat16 logits outside autocast (the loss before its rounding)
     expected_loss, expected_g = sig_fused(logits.detach(), t, torch.ones((), dtype=torch.bfloat16, device=device),
                                           gamma=2.0, reduction="sum")
-    assert torch.equal(loss.detach(), expected_loss)
+    assert torch.equal(loss.detach().to(torch.bfloat16), expected_loss)
     assert logits.grad.dtype == torch.bfloat16
     assert torch.equal(logits.grad, expected_g)
     ref_loss, ref_g = sig_reference(logits, t, torch.ones((), dtype=torch.float64, device=device), gamma=2.0,

@@ -47,6 +47,33 @@ GradientScales gradient_scales(int64_t reduction, const MeanDenominator& denomin
 void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
                     int64_t reduction, const MeanDenominator& denominator, const GradientScales& scales);
 
+// Where a forward writes its per-element loss (reduction "none"): in the input's dtype, or in
+// acc_t (float32) for a 16-bit input with loss_dtype float32. Both null: no per-element loss.
+template <typename scalar_t, typename acc_t>
+struct PerElementLoss {
+  scalar_t* as_input = nullptr;
+  acc_t* as_acc = nullptr;
+
+  static PerElementLoss of(const at::Tensor& loss, bool per_element) {
+    PerElementLoss out;
+    if (!per_element) return out;
+    if (loss.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+      out.as_input = loss.data_ptr<scalar_t>();
+    } else {
+      TORCH_INTERNAL_ASSERT(loss.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+      out.as_acc = loss.data_ptr<acc_t>();
+    }
+    return out;
+  }
+  void store(int64_t i, acc_t v) const {
+    if (as_acc != nullptr) {
+      as_acc[i] = v;
+    } else {
+      as_input[i] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
 #define FOCAL_DECLARE_CPU_KERNELS(NS)                                                                              \
   namespace NS {                                                                                                   \
   /* partial[k] receives chunk k's loss sum, in order. */                                                         \

@@ -32,6 +32,8 @@ constexpr int64_t kSigmoidBlock = 512;
 template <typename acc_t>
 struct SigmoidParams {
   acc_t gamma;
+  GammaSchedule<acc_t> schedule;
+  bool scheduled;  // gamma from `schedule` per element, else the constant `gamma`
   acc_t alpha;
   bool use_alpha;
   acc_t grad_scale;  // 1, or 1/denominator when the mean is folded into the forward
@@ -44,10 +46,13 @@ struct SigmoidParams {
   int64_t ignore_index;
 };
 
-// Elements [begin, end) of the flat logits; returns their loss sum.
-template <typename scalar_t, typename target_t, typename acc_t>
-double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, scalar_t* grad, scalar_t* loss_out,
-                          int64_t begin, int64_t end, const SigmoidParams<acc_t>& prm) {
+// Elements [begin, end) of the flat logits; returns their loss sum. kScheduled: gamma from prm.schedule
+// (a template parameter: the compiler would otherwise share the terms' common part between the two
+// branches and compute the schedule's p_t for a constant gamma too).
+template <bool kScheduled, typename scalar_t, typename target_t, typename acc_t>
+double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, scalar_t* grad,
+                          const PerElementLoss<scalar_t, acc_t>& loss_out, int64_t begin, int64_t end,
+                          const SigmoidParams<acc_t>& prm) {
   using Vec = at::vec::Vectorized<acc_t>;
   using Pack = VecPack<Vec, 4>;
   constexpr int64_t VS = Pack::size();
@@ -87,8 +92,14 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
     Pack sum(acc_t(0));
     const Pack zero(acc_t(0)), grad_scale(prm.grad_scale);
     for (int64_t v = 0; v < padded; v += VS) {
-      const auto terms = sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(Pack::loadu(x + v), Pack::loadu(y + v),
-                                                                        prm.gamma, prm.alpha, prm.use_alpha);
+      const Pack xv = Pack::loadu(x + v), yv = Pack::loadu(y + v);
+      SigmoidFocalTerms<Pack> terms;
+      if constexpr (kScheduled) {
+        terms = scheduled_sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.schedule, prm.alpha,
+                                                                          prm.use_alpha);
+      } else {
+        terms = sigmoid_focal_terms<Pack, acc_t, VecMath<Pack>>(xv, yv, prm.gamma, prm.alpha, prm.use_alpha);
+      }
       // Ignored elements and padding get exact zeros (0 * NaN would not be 0).
       const Pack kept = Pack::loadu(keep + v) > zero;
       const Pack l = Pack::blendv(zero, terms.loss, kept);
@@ -99,8 +110,10 @@ double sigmoid_focal_span(const scalar_t* input, const target_t* dense_target, s
     alignas(64) acc_t lanes[VS];
     sum.store(lanes);
     for (int64_t k = 0; k < VS; ++k) total += lanes[k];
-    if (prm.write_per_element_loss) {
-      for (int64_t i = 0; i < n; ++i) loss_out[b + i] = static_cast<scalar_t>(loss[i]);
+    if (loss_out.as_acc != nullptr) {
+      std::copy(loss, loss + n, loss_out.as_acc + b);
+    } else if (loss_out.as_input != nullptr) {
+      for (int64_t i = 0; i < n; ++i) loss_out.as_input[b + i] = static_cast<scalar_t>(loss[i]);
     }
     if (prm.compute_grad) {
       for (int64_t i = 0; i < n; ++i) grad[b + i] = static_cast<scalar_t>(g[i]);
@@ -118,6 +131,8 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
     using acc_t = at::opmath_type<scalar_t>;
     SigmoidParams<acc_t> prm;
     prm.gamma = static_cast<acc_t>(gamma);
+    prm.schedule = kernel_gamma_schedule<acc_t>(plan.gamma_schedule);
+    prm.scheduled = !plan.gamma_schedule.constant();
     prm.alpha = static_cast<acc_t>(alpha);
     prm.use_alpha = plan.use_alpha;
     prm.grad_scale = static_cast<acc_t>(forward_scale);
@@ -131,7 +146,7 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
 
     const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
     scalar_t* grad = plan.compute_grad ? out.grad.data_ptr<scalar_t>() : nullptr;
-    scalar_t* loss_out = prm.write_per_element_loss ? out.loss.data_ptr<scalar_t>() : nullptr;
+    const auto loss_out = PerElementLoss<scalar_t, acc_t>::of(out.loss, prm.write_per_element_loss);
     const int64_t numel = plan.numel();
     // Whole rows per chunk (classes last), so that chunks depend only on the shape.
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, plan.classes));
@@ -144,7 +159,11 @@ void sigmoid_focal_loss_forward_chunks(const SigmoidFocalForwardPlan& plan, cons
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t k = cb; k < ce; ++k) {
           const int64_t begin = k * chunk, end = std::min(numel, begin + chunk);
-          partial[k] = sigmoid_focal_span<scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin, end, prm);
+          partial[k] = prm.scheduled
+                           ? sigmoid_focal_span<true, scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin,
+                                                                                 end, prm)
+                           : sigmoid_focal_span<false, scalar_t, target_t, acc_t>(in, dense, grad, loss_out, begin,
+                                                                                  end, prm);
         }
       });
     };

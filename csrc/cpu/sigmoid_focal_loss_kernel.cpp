@@ -23,9 +23,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_sigmoid_focal_loss_forward(input, target, alpha, gamma, reduction, normalizer, compute_grad,
                                               gamma_thresholds, gamma_values, loss_dtype, class_dim);
-  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant(), "sigmoid_focal_loss: gamma schedules are not implemented yet on the CPU");
-  TORCH_CHECK_NOT_IMPLEMENTED(reduction != kReductionNone || plan.loss_dtype == input.scalar_type(),
-                              "sigmoid_focal_loss: loss_dtype with reduction='none' is not implemented yet on the CPU");
   TORCH_INTERNAL_ASSERT(!plan.device_normalizer.has_value());  // a CPU input takes CPU normalizers only
   int64_t valid_rows = plan.rows;
   if (plan.index_targets) {

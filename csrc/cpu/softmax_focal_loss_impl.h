@@ -32,6 +32,8 @@ struct FocalParams {
   int target_kind;
   int64_t ignore_index;
   acc_t gamma;
+  GammaSchedule<acc_t> schedule;
+  bool scheduled;  // gamma from `schedule` per position, else the constant `gamma`
   acc_t alpha;
   const acc_t* class_weight;  // nullptr: no per-class weight
   acc_t grad_scale;           // 1, or 1/count when the mean is folded into the forward
@@ -44,11 +46,19 @@ inline acc_t class_alpha(const FocalParams<acc_t>& prm, int64_t t) {
   return prm.class_weight ? prm.alpha * prm.class_weight[t] : prm.alpha;
 }
 
+// The focal terms of a position (T = acc_t) or of vector lanes of positions.
+template <typename T, typename acc_t, typename Math>
+inline FocalTerms<T> position_terms(const FocalParams<acc_t>& prm, T log_p, T alpha) {
+  return prm.scheduled ? scheduled_focal_terms<T, acc_t, Math>(log_p, prm.schedule, alpha)
+                       : focal_terms<T, acc_t, Math>(log_p, prm.gamma, alpha);
+}
+
 // One position at a time, classes along the vector lanes: for class-contiguous
 // rows ((N, C) row-major, channels_last) and for very large C.
 template <typename scalar_t, typename acc_t>
-double softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
-                         int64_t begin, int64_t end, const FocalParams<acc_t>& prm, std::vector<acc_t>& buf) {
+double softmax_focal_rows(const scalar_t* input, scalar_t* grad, const PerElementLoss<scalar_t, acc_t>& loss_out,
+                          const SoftmaxFocalGeometry& g, int64_t begin, int64_t end, const FocalParams<acc_t>& prm,
+                          std::vector<acc_t>& buf) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t C = g.classes;
   buf.resize(C);
@@ -64,7 +74,7 @@ double softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_
     scalar_t* grad_row = grad + n * g.grad_stride_n + s * g.grad_stride_s;
     const int64_t t = load_target(prm.target, p, prm.target_kind);
     if (t == prm.ignore_index) {
-      if (prm.write_per_element_loss) loss_out[p] = scalar_t(0);
+      if (prm.write_per_element_loss) loss_out.store(p, acc_t(0));
       if (prm.compute_grad) {
         for (int64_t c = 0; c < C; ++c) grad_row[c * g.grad_stride_c] = scalar_t(0);
       }
@@ -76,9 +86,9 @@ double softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_
     at::vec::map([row_max](Vec v) { return (v - Vec(row_max)).exp(); }, x, x, C);
     const acc_t sum_exp = at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, x, C);
     const acc_t log_p = static_cast<acc_t>(in_row[t * sc]) - row_max - math_log(sum_exp);
-    const FocalTerms<acc_t> terms = focal_terms(log_p, prm.gamma, class_alpha(prm, t));
+    const FocalTerms<acc_t> terms = position_terms<acc_t, acc_t, ScalarMath<acc_t>>(prm, log_p, class_alpha(prm, t));
     loss_sum += terms.loss;
-    if (prm.write_per_element_loss) loss_out[p] = static_cast<scalar_t>(terms.loss);
+    if (prm.write_per_element_loss) loss_out.store(p, terms.loss);
     if (!prm.compute_grad) continue;
     // p_j = exp(x_j - max) / sum, so the gradient is exp(...) * grad_coef / sum.
     const acc_t scale = terms.grad_coef * prm.grad_scale / sum_exp;
@@ -97,8 +107,9 @@ double softmax_focal_rows(const scalar_t* input, scalar_t* grad, scalar_t* loss_
 // kTileWidth positions side by side, positions along the vector lanes: for
 // channel-first layouts, where consecutive positions are adjacent in memory.
 template <typename scalar_t, typename acc_t>
-double softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss_out, const SoftmaxFocalGeometry& g,
-                          int64_t begin, int64_t end, const FocalParams<acc_t>& prm, std::vector<acc_t>& buf) {
+double softmax_focal_tiles(const scalar_t* input, scalar_t* grad, const PerElementLoss<scalar_t, acc_t>& loss_out,
+                           const SoftmaxFocalGeometry& g, int64_t begin, int64_t end, const FocalParams<acc_t>& prm,
+                           std::vector<acc_t>& buf) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = kTileWidth;
   constexpr int64_t VS = Vec::size();
@@ -157,7 +168,7 @@ double softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss
     for (int64_t v = 0; v < W; v += VS) {
       const Vec sum = Vec::loadu(sum_exp + v);
       const Vec log_p = Vec::loadu(logit_t + v) - Vec::loadu(row_max + v) - sum.log();
-      const FocalTerms<Vec> terms = focal_terms<Vec, acc_t, VecMath<Vec>>(log_p, prm.gamma, Vec::loadu(alpha + v));
+      const FocalTerms<Vec> terms = position_terms<Vec, acc_t, VecMath<Vec>>(prm, log_p, Vec::loadu(alpha + v));
       const Vec grad_scale(prm.grad_scale);
       terms.loss.store(loss + v);
       (terms.grad_coef * grad_scale / sum).store(scale + v);
@@ -169,7 +180,7 @@ double softmax_focal_tiles(const scalar_t* input, scalar_t* grad, scalar_t* loss
         scale[w] = acc_t(0);
       }
       loss_sum += loss[w];
-      if (prm.write_per_element_loss) loss_out[p0 + w] = static_cast<scalar_t>(loss[w]);
+      if (prm.write_per_element_loss) loss_out.store(p0 + w, loss[w]);
     }
     if (!prm.compute_grad) continue;
     for (int64_t c = 0; c < C; ++c) {
@@ -208,6 +219,8 @@ void softmax_focal_loss_forward_chunks(const SoftmaxFocalForwardPlan& plan, cons
     prm.target_kind = plan.target_kind;
     prm.ignore_index = ignore_index;
     prm.gamma = static_cast<acc_t>(gamma);
+    prm.schedule = kernel_gamma_schedule<acc_t>(plan.gamma_schedule);
+    prm.scheduled = !plan.gamma_schedule.constant();
     prm.alpha = static_cast<acc_t>(alpha);
     prm.class_weight = plan.class_weight.has_value() ? plan.class_weight->const_data_ptr<acc_t>() : nullptr;
     prm.grad_scale = static_cast<acc_t>(forward_scale);
@@ -216,7 +229,7 @@ void softmax_focal_loss_forward_chunks(const SoftmaxFocalForwardPlan& plan, cons
 
     const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
     scalar_t* grad = plan.compute_grad ? out.grad.data_ptr<scalar_t>() : nullptr;
-    scalar_t* loss_out = prm.write_per_element_loss ? out.loss.data_ptr<scalar_t>() : nullptr;
+    const auto loss_out = PerElementLoss<scalar_t, acc_t>::of(out.loss, prm.write_per_element_loss);
     const int64_t positions = g.positions();
     const bool by_rows = rows_layout(g, sizeof(acc_t));
     const int64_t chunk = chunk_positions(g, by_rows);

@@ -33,9 +33,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cpu(
   (void)inplace_backward;  // read by the autograd formula (focal_cuda/_ops.py) only
   auto plan = plan_softmax_focal_loss_forward(input, target, class_weight, alpha, gamma, ignore_index, reduction,
                                               compute_grad, gamma_thresholds, gamma_values, loss_dtype);
-  TORCH_CHECK_NOT_IMPLEMENTED(plan.gamma_schedule.constant(), "softmax_focal_loss: gamma schedules are not implemented yet on the CPU");
-  TORCH_CHECK_NOT_IMPLEMENTED(reduction != kReductionNone || plan.loss_dtype == input.scalar_type(),
-                              "softmax_focal_loss: loss_dtype with reduction='none' is not implemented yet on the CPU");
   const int64_t valid = scan_targets(plan, ignore_index);
   auto out = allocate_softmax_focal_loss_outputs(plan);
   const MeanDenominator denominator{static_cast<double>(valid), false};

@@ -27,6 +27,9 @@ struct VecMath {
   static Vec select_positive(Vec q, Vec if_positive, Vec otherwise) {  // q > 0 ? a : b, lane by lane
     return Vec::blendv(otherwise, if_positive, q > Vec(typename Vec::value_type(0)));
   }
+  static Vec select_less(Vec a, Vec b, Vec if_less, Vec otherwise) {  // a < b ? x : y, lane by lane
+    return Vec::blendv(otherwise, if_less, a < b);
+  }
 };
 
 // K independent vectors handled as one value. The focal formulas are long
@@ -80,6 +83,7 @@ FOCAL_VEC_PACK_OPERATOR(-)
 FOCAL_VEC_PACK_OPERATOR(*)
 FOCAL_VEC_PACK_OPERATOR(/)
 FOCAL_VEC_PACK_OPERATOR(>)
+FOCAL_VEC_PACK_OPERATOR(<)
 FOCAL_VEC_PACK_OPERATOR(==)
 #undef FOCAL_VEC_PACK_OPERATOR
 
@@ -97,6 +101,11 @@ struct VecMath<VecPack<Vec, K>> {
   static Pack select_positive(const Pack& q, const Pack& if_positive, const Pack& otherwise) {
     Pack r;
     for (int k = 0; k < K; ++k) r.v[k] = VecMath<Vec>::select_positive(q.v[k], if_positive.v[k], otherwise.v[k]);
+    return r;
+  }
+  static Pack select_less(const Pack& a, const Pack& b, const Pack& if_less, const Pack& otherwise) {
+    Pack r;
+    for (int k = 0; k < K; ++k) r.v[k] = VecMath<Vec>::select_less(a.v[k], b.v[k], if_less.v[k], otherwise.v[k]);
     return r;
   }
 };

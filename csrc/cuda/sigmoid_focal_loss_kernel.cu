@@ -21,22 +21,6 @@
 namespace focal_cuda {
 namespace {
 
-template <typename acc_t>
-GammaSchedule<acc_t> device_gamma_schedule(const GammaSchedulePlan& plan) {
-  GammaSchedule<acc_t> s{};
-  const int thresholds = static_cast<int>(plan.thresholds.size());
-  s.pieces = thresholds + 1;
-  for (int k = 0; k < thresholds; ++k) {
-    // Rounded up: p < t in acc_t then means (double)p < t as given.
-    acc_t t = static_cast<acc_t>(plan.thresholds[k]);
-    if (static_cast<double>(t) < plan.thresholds[k]) t = std::nextafter(t, std::numeric_limits<acc_t>::infinity());
-    s.thresholds[k] = t;
-    s.gammas[k] = static_cast<acc_t>(plan.values[k]);
-  }
-  s.gammas[thresholds] = static_cast<acc_t>(plan.gamma);
-  return s;
-}
-
 template <typename scalar_t, typename target_t>
 int64_t launch_dense(const SigmoidFocalForwardPlan& plan, const SigmoidFocalForwardOutputs& out,
                      const device::SigmoidArgs<typename device::AccumulateType<scalar_t>::type>& args,
@@ -167,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cuda(
     device::SigmoidArgs<acc_t> args{};
     args.reduction = static_cast<int>(reduction);
     args.compute_grad = compute_grad;
-    args.gamma = device_gamma_schedule<acc_t>(plan.gamma_schedule);
+    args.gamma = kernel_gamma_schedule<acc_t>(plan.gamma_schedule);
     args.alpha = static_cast<acc_t>(alpha);
     args.use_alpha = plan.use_alpha;
     args.target = plan.index_targets ? plan.target.const_data_ptr() : nullptr;

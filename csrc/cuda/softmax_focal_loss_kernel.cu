@@ -25,22 +25,6 @@ device::Geometry device_geometry(const SoftmaxFocalGeometry& g) {
                           g.input_stride_s, g.grad_stride_n,  g.grad_stride_c, g.grad_stride_s};
 }
 
-template <typename acc_t>
-GammaSchedule<acc_t> device_gamma_schedule(const GammaSchedulePlan& plan) {
-  GammaSchedule<acc_t> s{};
-  const int thresholds = static_cast<int>(plan.thresholds.size());
-  s.pieces = thresholds + 1;
-  for (int k = 0; k < thresholds; ++k) {
-    // Rounded up: p < t in acc_t then means (double)p < t as given.
-    acc_t t = static_cast<acc_t>(plan.thresholds[k]);
-    if (static_cast<double>(t) < plan.thresholds[k]) t = std::nextafter(t, std::numeric_limits<acc_t>::infinity());
-    s.thresholds[k] = t;
-    s.gammas[k] = static_cast<acc_t>(plan.values[k]);
-  }
-  s.gammas[thresholds] = static_cast<acc_t>(plan.gamma);
-  return s;
-}
-
 // The mapping of threads to the logits, from the layout and C (docs/design.md, section 7).
 enum class SoftmaxKernel { kRows, kLongRows, kChannels, kPositions };
 
@@ -206,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward_cuda(
       args.class_weight_double = plan.class_weight->scalar_type() == at::kDouble;
       args.class_weight_stride = plan.class_weight->stride(0);
     }
-    args.gamma = device_gamma_schedule<acc_t>(plan.gamma_schedule);
+    args.gamma = kernel_gamma_schedule<acc_t>(plan.gamma_schedule);
     args.fold_mean_into_forward = plan.fold_mean_into_forward;
     args.state = out.state.data_ptr<acc_t>();
     const SoftmaxLaunch l = choose_kernel<dev_t>(plan);
