@@ -629,6 +629,46 @@ def test_module_defaults_and_state(gen):
         focal_cuda.FusedFocalLoss(reduction="avg")
 
 
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(gamma=-1.0), ValueError, r"gamma.*-1\.0"),
+    (dict(gamma=float("nan")), ValueError, r"gamma.*nan"),
+    (dict(gamma="2"), ValueError, r"gamma.*'2'"),
+    (dict(gamma=True), ValueError, r"gamma.*True"),
+    (dict(reduction="avg"), ValueError, r"reduction.*avg"),
+    (dict(reduction=None), ValueError, r"reduction.*None"),
+    (dict(mode="sigmodi"), ValueError, r"mode.*sigmodi"),
+    (dict(mode=None), ValueError, r"mode.*None"),
+    (dict(alpha=float("inf")), ValueError, r"alpha.*inf"),
+    (dict(alpha="0.25"), TypeError, r"alpha.*'0\.25'"),
+    (dict(alpha=[]), ValueError, r"alpha.*one weight per class"),
+    (dict(alpha=[[1.0, 2.0]]), ValueError, r"alpha.*shape \(1, 2\)"),
+    (dict(alpha=[1.0, float("nan")]), ValueError, r"alpha.*finite.*nan"),
+    (dict(alpha=["a", "b"]), TypeError, r"alpha.*'a'"),
+    (dict(alpha=torch.ones(3, requires_grad=True)), ValueError, r"alpha.*requires_grad"),
+    (dict(alpha=[1.0, 2.0], mode="sigmoid"), ValueError, r"sigmoid.*alpha"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index.*1\.5"),
+    (dict(ignore_index="255"), TypeError, r"ignore_index.*'255'"),
+    (dict(ignore_index=True), TypeError, r"ignore_index.*True"),
+], ids=repr)
+def test_module_bad_argument_raises_at_construction(kwargs, error, pattern):
+    """As with torch.nn's losses, a bad argument fails when the module is made, not at its first forward."""
+    with pytest.raises(error, match=pattern):
+        focal_cuda.FusedFocalLoss(**kwargs)
+
+
+def test_module_argument_forms(gen):
+    """Integer-valued and 0-dim tensor arguments are taken as their numbers; integer weights as floats."""
+    x = randn((6, 3), gen)
+    t = make_target(x.shape, gen)
+    expected = focal_cuda.softmax_focal_loss(x, t, gamma=2.0, alpha=0.5, ignore_index=1)
+    m = focal_cuda.FusedFocalLoss(gamma=2, alpha=torch.tensor(0.5), ignore_index=torch.tensor(1))
+    assert m.alpha_scalar == 0.5 and m.ignore_index == 1 and m.class_weight is None
+    torch.testing.assert_close(m(x, t), expected)
+    m = focal_cuda.FusedFocalLoss(alpha=torch.tensor([1, 2, 3]))
+    assert m.class_weight.dtype == torch.float64
+    torch.testing.assert_close(m(x, t), focal_cuda.softmax_focal_loss(x, t, alpha=[1.0, 2.0, 3.0]))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile(device, gen, backend, reduction):
