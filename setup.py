@@ -23,9 +23,10 @@ except ImportError:
     # pip's isolated build environment has no torch (pyproject.toml does not ask for one, so that
     # pip cannot fetch the newest torch there and build against it).
     sys.exit(
-        "focal_cuda: torch is not installed in the build environment. focal_cuda is compiled against the "
-        "torch you run it with: install torch first, then build without build isolation:\n"
-        "    pip install --no-build-isolation .      (or: pip install --no-build-isolation -e .)"
+        "focal_cuda: cannot import torch in the build environment. focal_cuda is compiled against the torch it "
+        "runs with, so it must be built in your environment: install torch, then\n"
+        "    pip install --no-build-isolation .      (or: pip install --no-build-isolation -e .)\n"
+        "Without --no-build-isolation, pip builds in a fresh environment that has no torch."
     )
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

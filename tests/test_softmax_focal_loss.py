@@ -435,6 +435,24 @@ def test_saturated_logits(device, gen, dtype, scale, gamma, reduction):
     assert_close_scaled(g, expected_g, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_loss_beyond_dtype_range_is_inf(device, dtype):
+    """A "sum" beyond the dtype's range rounds to inf, as a conversion does (torch < 2.8's Tensor.fill_ raised
+    "value cannot be converted to type at::Half without overflow" there); "mean" of the same stays finite."""
+    big = 1e4 if dtype == torch.float16 else 1e38
+    n = 10 if dtype == torch.float16 else 40  # per-position loss ~ big: the sum is beyond 65504 / 3.4e38
+    x = torch.zeros((n, 2), dtype=torch.float64)
+    x[:, 1] = big  # target 0: log p_0 = -big
+    x = x.to(dtype=dtype, device=device).requires_grad_()
+    t = torch.zeros(n, dtype=torch.long, device=device)
+    total = focal_cuda.softmax_focal_loss(x, t, gamma=0.0, reduction="sum")
+    assert total.dtype == dtype and torch.isinf(total) and total > 0, total
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    mean = focal_cuda.softmax_focal_loss(x.detach(), t, gamma=0.0, reduction="mean")
+    assert_close_scaled(mean, reference.softmax_focal_loss(x.detach().double(), t, gamma=0.0), dtype, "mean")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nan_and_inf_propagate(device, gen, reduction):
     x = randn((6, 5), gen, device=device)

@@ -37,8 +37,8 @@ from examples import train_detection as det  # noqa: E402
 from examples import train_segmentation as seg  # noqa: E402
 
 STEPS = 3
-# Tensor.backward inside a compiled graph (torch._dynamo.config.trace_autograd_ops) needs torch 2.8; before,
-# the compile tests compile forward and loss, and backward runs eagerly through the compiled graph.
+# Tensor.backward inside a compiled graph (torch._dynamo.config.trace_autograd_ops) is not in torch 2.8 and
+# older; with those, the compile tests compile forward and loss, and backward runs eagerly through that graph.
 TRACE_BACKWARD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
 
