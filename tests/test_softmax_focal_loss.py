@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -850,7 +853,36 @@ def test_build_info():
         assert info["cuda_arch_list"]
     else:
         assert info["cuda_version"] is None
-    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["torch_version"] == torch.__version__
+    # What setup.py wrote beside the library agrees with what was compiled into it; cuda_version is the
+    # compiler's (nvcc --version), which may differ from torch.version.cuda in the minor.
+    from focal_cuda import _build_info
+
+    assert _build_info.TORCH_VERSION == info["torch_version"]
+    assert _build_info.CUDA == info["cuda"] and _build_info.CUDA_VERSION == info["cuda_version"]
+    if info["cuda"]:
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
+        assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+
+
+def test_import_with_another_torch_says_rebuild():
+    """A build only loads into the torch it was compiled against: importing it with another torch raises an
+    ImportError naming both versions and the rebuild command, before the library is loaded (which would fail
+    with an undefined symbol, or load and misbehave)."""
+    code = (
+        "import sys, torch\n"
+        "torch.__version__ = '1.0.0+other'\n"
+        "try:\n"
+        "    import focal_cuda\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "    print('loaded' if 'focal_cuda._C' in sys.modules else 'not loaded')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(focal_cuda.__file__).resolve().parent.parent).stdout
+    assert f"built against torch {torch.__version__}" in out, out
+    assert "torch 1.0.0+other is installed" in out and "pip install --no-build-isolation" in out, out
+    assert out.strip().endswith("not loaded"), out
 
 
 def _opcheck_samples(device, gen):
