@@ -30,22 +30,29 @@ def retinanet_classification_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> torch.Tensor:
-    """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets."""
+    """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets.
+
+    Few tensor ops per image: on a CPU each op on more than a few thousand elements is an OpenMP
+    parallel region, whose threads must all be scheduled before it ends, a wait that grows with the
+    machine's load (data-loader workers, other jobs)."""
     cls_logits = head_outputs["cls_logits"]  # (N, anchors, C)
     num_classes = cls_logits.shape[-1]
-    losses = []
+    images = len(targets)
+    total = cls_logits.new_zeros(())
     for targets_per_image, logits, matched in zip(targets, cls_logits, matched_idxs):
-        foreground = matched >= 0
-        background = torch.full_like(matched, num_classes)  # C = background
+        # matched: a box index, _BELOW_LOW_THRESHOLD (background: class C) or _BETWEEN_THRESHOLDS
+        # (ignored). One lookup in [_BETWEEN_THRESHOLDS, C, labels...] at matched + 2 maps all three
+        # (index_select of a 1-D tensor runs on one thread). Filled on the device: no host-to-device copy.
         labels = targets_per_image["labels"]
-        index = background if labels.numel() == 0 else torch.where(foreground, labels[matched.clamp(min=0)], background)
-        index = torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index)
-        normalizer = foreground.sum().clamp(min=1)  # max(1, num_foreground), on the device
-        losses.append(
-            sigmoid_focal_loss(logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
-                               normalizer=normalizer)
-        )
-    return torch.stack(losses).sum() / len(targets)
+        lookup = torch.cat([labels.new_full((2,), num_classes), labels])
+        lookup[0] = _BETWEEN_THRESHOLDS
+        index = lookup.index_select(0, matched - _BETWEEN_THRESHOLDS)
+        # max(1, num_foreground) on the device, times the number of images: the mean over the
+        # images is in the normalizer, so the backward's grad_output is 1 and costs no pass.
+        normalizer = torch.count_nonzero(matched >= 0).clamp(min=1) * images
+        total = total + sigmoid_focal_loss(logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
+                                           normalizer=normalizer)
+    return total
 
 
 def use_fused_focal_loss(model: nn.Module, alpha: float = 0.25, gamma: float = 2.0) -> nn.Module:
