@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Optional, Union
 
 import torch
@@ -41,11 +44,17 @@ class FusedFocalLoss(nn.Module):
         class_dim: int = -1,
     ) -> None:
         super().__init__()
-        if mode not in _MODES:
+        # Checked here, as torch.nn's losses do, rather than at the first forward.
+        if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"mode must be 'softmax' or 'sigmoid', got mode={mode!r}")
         reduction_code(reduction)
         self.gamma: Union[float, GammaSchedule] = resolve_gamma(gamma)
-        self.ignore_index = int(ignore_index)
+        if isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
+        try:
+            self.ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(f"ignore_index must be an int, got ignore_index={ignore_index!r}") from None
         self.reduction = reduction
         self.mode = mode
         if mode == "softmax" and class_dim != -1:
@@ -54,15 +63,19 @@ class FusedFocalLoss(nn.Module):
             raise ValueError(f"class_dim must be -1 (classes last) or 1 (channel-first), got class_dim={class_dim!r}")
         self.class_dim = int(class_dim)
         self.alpha_scalar: Optional[float] = None
-        if alpha is None or isinstance(alpha, (int, float)):
-            self.alpha_scalar = None if alpha is None else float(alpha)
+        if isinstance(alpha, torch.Tensor) and alpha.dim() == 0:
+            alpha = alpha.item()
+        if alpha is None:
+            self.register_buffer("class_weight", None)
+        elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+            if not math.isfinite(alpha):
+                raise ValueError(f"alpha must be finite, got alpha={alpha!r}")
+            self.alpha_scalar = float(alpha)
             self.register_buffer("class_weight", None)
         elif mode == "sigmoid":
             raise ValueError(f"mode='sigmoid' takes alpha=None or a float, got alpha={alpha!r}")
         else:
-            # float64 so that float64 inputs see the weights as given; the kernels read them in
-            # their accumulation type.
-            self.register_buffer("class_weight", torch.as_tensor(alpha, dtype=torch.float64).detach().clone())
+            self.register_buffer("class_weight", _class_weight(alpha))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, normalizer: Normalizer = None) -> torch.Tensor:
         if self.mode == "sigmoid":
@@ -77,3 +90,29 @@ class FusedFocalLoss(nn.Module):
     def extra_repr(self) -> str:
         alpha = "per-class" if self.class_weight is not None else self.alpha_scalar
         return f"mode={self.mode!r}, gamma={self.gamma}, alpha={alpha}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+def _class_weight(alpha) -> torch.Tensor:
+    """Per-class weights as a float64 buffer, so that float64 inputs see them as given; the kernels read
+    them in their accumulation type."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.requires_grad:
+            raise ValueError("alpha must not require grad: focal_cuda differentiates with respect to the logits "
+                             "only, got alpha.requires_grad=True")
+        if alpha.dtype == torch.bool or alpha.is_complex():
+            raise TypeError(f"alpha must hold real per-class weights, got alpha.dtype={alpha.dtype}")
+        weight = alpha.detach().to(torch.float64).clone()
+    else:
+        try:
+            if isinstance(alpha, (str, bytes)):
+                raise TypeError
+            weight = torch.as_tensor(alpha, dtype=torch.float64)  # a sequence or an array of floats
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"alpha must be None, a float, a sequence of per-class floats or a 1-D tensor, "
+                            f"got alpha={alpha!r}") from None
+    if weight.dim() != 1 or weight.numel() == 0:
+        raise ValueError(f"alpha must hold one weight per class (a non-empty 1-D sequence), "
+                         f"got alpha of shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"alpha must hold finite weights, got alpha={weight.tolist()!r}")
+    return weight

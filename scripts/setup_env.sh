@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Makes the environment and builds focal_cuda into it, from a bare clone:
-#   .venv with torch 2.14.1 (CUDA 13.0 build) and the test tools, then the
+#   .venv with torch 2.15 (CUDA 13 build) and the test tools, then the
 #   extension, CUDA kernels included whenever a CUDA toolkit is found (no GPU needed).
 # Sourced by scripts/test.sh and scripts/bench.sh; safe to run again (skips what is done).
 #
 # Environment: FOCAL_CUDA_VENV (default .venv), PYTHON (default python3),
+# FOCAL_CUDA_REQUIREMENTS (default requirements-dev.txt; .ci/requirements-oldest.txt: the oldest supported torch),
 # CUDA_HOME (default: found), FOCAL_CUDA_CPU_ONLY=1 (skip the CUDA kernels),
 # FOCAL_CUDA_REQUIRE_CUDA=1 (fail rather than build without them),
 # TORCH_CUDA_ARCH_LIST (default: the visible GPUs, else sm_75..sm_120 + PTX), MAX_JOBS.
@@ -22,8 +23,9 @@ PY="$VENV/bin/python"
 # Old pips turn an editable install of a setup.py project into an isolated
 # `setup.py develop` that cannot see torch.
 "$PY" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=25"
-echo "setup: installing torch and the test tools (requirements-dev.txt)"
-"$PY" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
+REQUIREMENTS=${FOCAL_CUDA_REQUIREMENTS:-$ROOT/requirements-dev.txt}
+echo "setup: installing torch and the test tools ($REQUIREMENTS)"
+"$PY" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
 
 # A CUDA toolkit: CUDA_HOME, the usual places, or the directory a `nvcc` wrapper script execs.
 find_cuda_home() {

@@ -35,6 +35,17 @@ def gen(request) -> torch.Generator:
 
 
 @pytest.fixture(autouse=True)
+def ieee_subnormals():
+    """Subnormal numbers as IEEE 754 says, in every test. Older torch (seen on 2.4.1) compiles inductor's CPU
+    kernels with -ffast-math, and gcc < 13 then links them with crtfastmath.o, whose constructor turns on
+    flush-to-zero / denormals-are-zero in the thread that loads them, for the rest of the process. After any
+    inductor test, later tests would see subnormal results flushed to 0, and hypothesis refuses to draw floats
+    ("we can't represent subnormal floats right now"). torch.set_flush_denormal(False) turns both modes off."""
+    torch.set_flush_denormal(False)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def poison_uninitialized_memory():
     """Every tensor allocated with empty() starts as NaN (integers: their max), including the
     kernels' output buffers: torch's deterministic mode fills uninitialized memory. An element a

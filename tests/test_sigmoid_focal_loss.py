@@ -802,6 +802,25 @@ def test_tails_elementwise(device, dtype, gamma):
                                atol=4 * torch.finfo(dtype).smallest_normal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_loss_and_scale_beyond_dtype_range_are_inf(device, dtype):
+    """Values beyond the dtype's range round to inf, as a conversion does (torch < 2.8's Tensor.fill_ raised
+    "value cannot be converted ... without overflow"): a float16 / bfloat16 "sum" that large, and a tiny
+    normalizer's 1 / normalizer kept in the float32 gradient scale."""
+    big = 1e4 if dtype == torch.float16 else 1e38
+    x = torch.full((10, 2), big, dtype=torch.float64).to(dtype=dtype, device=device).requires_grad_()
+    y = torch.zeros((10, 2), dtype=dtype, device=device)  # every logit a confident false positive: loss ~ big
+    total = focal_cuda.sigmoid_focal_loss(x, y, alpha=-1.0, gamma=0.0, reduction="sum")
+    assert total.dtype == dtype and torch.isinf(total) and total > 0, total
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    z = randn((4, 3), torch.Generator().manual_seed(0), device=device, dtype=dtype).requires_grad_()
+    tiny = focal_cuda.sigmoid_focal_loss(z, torch.zeros_like(z), reduction="mean", normalizer=1e-45)
+    assert torch.isinf(tiny) and tiny > 0, tiny
+    tiny.backward()
+    assert torch.isinf(z.grad).all(), z.grad
+
+
 @pytest.mark.parametrize("mode", ["binary", "index"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nan_and_inf_propagate(device, gen, mode, reduction):

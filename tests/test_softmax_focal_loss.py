@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -436,6 +439,24 @@ def test_saturated_logits(device, gen, dtype, scale, gamma, reduction):
     assert_close_scaled(g, expected_g, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_loss_beyond_dtype_range_is_inf(device, dtype):
+    """A "sum" beyond the dtype's range rounds to inf, as a conversion does (torch < 2.8's Tensor.fill_ raised
+    "value cannot be converted to type at::Half without overflow" there); "mean" of the same stays finite."""
+    big = 1e4 if dtype == torch.float16 else 1e38
+    n = 10 if dtype == torch.float16 else 40  # per-position loss ~ big: the sum is beyond 65504 / 3.4e38
+    x = torch.zeros((n, 2), dtype=torch.float64)
+    x[:, 1] = big  # target 0: log p_0 = -big
+    x = x.to(dtype=dtype, device=device).requires_grad_()
+    t = torch.zeros(n, dtype=torch.long, device=device)
+    total = focal_cuda.softmax_focal_loss(x, t, gamma=0.0, reduction="sum")
+    assert total.dtype == dtype and torch.isinf(total) and total > 0, total
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    mean = focal_cuda.softmax_focal_loss(x.detach(), t, gamma=0.0, reduction="mean")
+    assert_close_scaled(mean, reference.softmax_focal_loss(x.detach().double(), t, gamma=0.0), dtype, "mean")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nan_and_inf_propagate(device, gen, reduction):
     x = randn((6, 5), gen, device=device)
@@ -630,6 +651,46 @@ def test_module_defaults_and_state(gen):
         focal_cuda.FusedFocalLoss(reduction="avg")
 
 
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(gamma=-1.0), ValueError, r"gamma.*-1\.0"),
+    (dict(gamma=float("nan")), ValueError, r"gamma.*nan"),
+    (dict(gamma="2"), ValueError, r"gamma.*'2'"),
+    (dict(gamma=True), ValueError, r"gamma.*True"),
+    (dict(reduction="avg"), ValueError, r"reduction.*avg"),
+    (dict(reduction=None), ValueError, r"reduction.*None"),
+    (dict(mode="sigmodi"), ValueError, r"mode.*sigmodi"),
+    (dict(mode=None), ValueError, r"mode.*None"),
+    (dict(alpha=float("inf")), ValueError, r"alpha.*inf"),
+    (dict(alpha="0.25"), TypeError, r"alpha.*'0\.25'"),
+    (dict(alpha=[]), ValueError, r"alpha.*one weight per class"),
+    (dict(alpha=[[1.0, 2.0]]), ValueError, r"alpha.*shape \(1, 2\)"),
+    (dict(alpha=[1.0, float("nan")]), ValueError, r"alpha.*finite.*nan"),
+    (dict(alpha=["a", "b"]), TypeError, r"alpha.*'a'"),
+    (dict(alpha=torch.ones(3, requires_grad=True)), ValueError, r"alpha.*requires_grad"),
+    (dict(alpha=[1.0, 2.0], mode="sigmoid"), ValueError, r"sigmoid.*alpha"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index.*1\.5"),
+    (dict(ignore_index="255"), TypeError, r"ignore_index.*'255'"),
+    (dict(ignore_index=True), TypeError, r"ignore_index.*True"),
+], ids=repr)
+def test_module_bad_argument_raises_at_construction(kwargs, error, pattern):
+    """As with torch.nn's losses, a bad argument fails when the module is made, not at its first forward."""
+    with pytest.raises(error, match=pattern):
+        focal_cuda.FusedFocalLoss(**kwargs)
+
+
+def test_module_argument_forms(gen):
+    """Integer-valued and 0-dim tensor arguments are taken as their numbers; integer weights as floats."""
+    x = randn((6, 3), gen)
+    t = make_target(x.shape, gen)
+    expected = focal_cuda.softmax_focal_loss(x, t, gamma=2.0, alpha=0.5, ignore_index=1)
+    m = focal_cuda.FusedFocalLoss(gamma=2, alpha=torch.tensor(0.5), ignore_index=torch.tensor(1))
+    assert m.alpha_scalar == 0.5 and m.ignore_index == 1 and m.class_weight is None
+    torch.testing.assert_close(m(x, t), expected)
+    m = focal_cuda.FusedFocalLoss(alpha=torch.tensor([1, 2, 3]))
+    assert m.class_weight.dtype == torch.float64
+    torch.testing.assert_close(m(x, t), focal_cuda.softmax_focal_loss(x, t, alpha=[1.0, 2.0, 3.0]))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile(device, gen, backend, reduction):
@@ -794,7 +855,36 @@ def test_build_info():
         assert info["cuda_arch_list"]
     else:
         assert info["cuda_version"] is None
-    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["torch_version"] == torch.__version__
+    # What setup.py wrote beside the library agrees with what was compiled into it; cuda_version is the
+    # compiler's (nvcc --version), which may differ from torch.version.cuda in the minor.
+    from focal_cuda import _build_info
+
+    assert _build_info.TORCH_VERSION == info["torch_version"]
+    assert _build_info.CUDA == info["cuda"] and _build_info.CUDA_VERSION == info["cuda_version"]
+    if info["cuda"]:
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
+        assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+
+
+def test_import_with_another_torch_says_rebuild():
+    """A build only loads into the torch it was compiled against: importing it with another torch raises an
+    ImportError naming both versions and the rebuild command, before the library is loaded (which would fail
+    with an undefined symbol, or load and misbehave)."""
+    code = (
+        "import sys, torch\n"
+        "torch.__version__ = '1.0.0+other'\n"
+        "try:\n"
+        "    import focal_cuda\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "    print('loaded' if 'focal_cuda._C' in sys.modules else 'not loaded')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(focal_cuda.__file__).resolve().parent.parent).stdout
+    assert f"built against torch {torch.__version__}" in out, out
+    assert "torch 1.0.0+other is installed" in out and "pip install --no-build-isolation" in out, out
+    assert out.strip().endswith("not loaded"), out
 
 
 def _opcheck_samples(device, gen):

@@ -15,6 +15,7 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -36,6 +37,13 @@ from examples import train_detection as det  # noqa: E402
 from examples import train_segmentation as seg  # noqa: E402
 
 STEPS = 3
+# Tensor.backward inside a compiled graph (torch._dynamo.config.trace_autograd_ops) is not in torch 2.8 and
+# older; with those, the compile tests compile forward and loss, and backward runs eagerly through that graph.
+TRACE_BACKWARD = hasattr(torch._dynamo.config, "trace_autograd_ops")
+
+
+def trace_backward():
+    return torch._dynamo.config.patch(trace_autograd_ops=True) if TRACE_BACKWARD else contextlib.nullcontext()
 
 
 @pytest.fixture(autouse=True)
@@ -262,14 +270,21 @@ def test_compiled_training_step_matches_eager(device):
         model = TinySegmenter().to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
+        def forward_loss(images, masks):
+            return loss_of_batch(model, (images, masks))[0]
+
         def step(images, masks):
-            loss, _ = loss_of_batch(model, (images, masks))
+            loss = forward_loss(images, masks)
             loss.backward()
             return loss.detach()
 
         if compiled:
             torch._dynamo.reset()
-            step = torch.compile(step, fullgraph=True)  # any graph break (e.g. at the loss) is an error
+            # any graph break (e.g. at the loss) is an error
+            if TRACE_BACKWARD:
+                step = torch.compile(step, fullgraph=True)
+            else:
+                forward_loss = torch.compile(forward_loss, fullgraph=True)
         losses, grads = [], []
         for images, masks in batches:
             opt.zero_grad(set_to_none=True)
@@ -278,7 +293,7 @@ def test_compiled_training_step_matches_eager(device):
             opt.step()
         return torch.stack(losses), grads
 
-    with torch._dynamo.config.patch(trace_autograd_ops=True):
+    with trace_backward():
         compiled_losses, compiled_grads = train(True)
     eager_losses, eager_grads = train(False)
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=0)
@@ -300,24 +315,31 @@ def test_compiled_detection_loss_no_graph_break(device):
         torch.manual_seed(0)
         head = RetinaNetClassificationHead(16, 9, 5).to(dev)
 
-        def step(feats, index):
+        def forward_loss(feats, index):
             logits = head(feats)
             normalizer = ((index >= 0) & (index < 5)).sum().clamp(min=1)
-            loss = det.global_classification_loss(focal_cuda, logits, index, normalizer, 1)
+            return det.global_classification_loss(focal_cuda, logits, index, normalizer, 1)
+
+        def step(feats, index):
+            loss = forward_loss(feats, index)
             loss.backward()
             return loss.detach()
 
         if compiled:
+            traced = step if TRACE_BACKWARD else forward_loss
             torch._dynamo.reset()
-            explanation = torch._dynamo.explain(step)(features, index)
+            explanation = torch._dynamo.explain(traced)(features, index)
             assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
             torch._dynamo.reset()
             head.zero_grad(set_to_none=True)
-            step = torch.compile(step, fullgraph=True)
+            if TRACE_BACKWARD:
+                step = torch.compile(step, fullgraph=True)
+            else:
+                forward_loss = torch.compile(forward_loss, fullgraph=True)
         loss = step(features, index)
         return loss, flat_grad({n: p.grad for n, p in head.named_parameters()})
 
-    with torch._dynamo.config.patch(trace_autograd_ops=True):
+    with trace_backward():
         c_loss, c_grad = grads(True)
     e_loss, e_grad = grads(False)
     torch.testing.assert_close(c_loss, e_loss, rtol=1e-5, atol=0)

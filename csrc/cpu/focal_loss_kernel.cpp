@@ -2,6 +2,7 @@
 // focal_loss_backward_ / focal_loss_backward, which scale the gradient a forward
 // op computed by grad_output.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -63,16 +64,30 @@ GradientScales gradient_scales(int64_t reduction, const MeanDenominator& denomin
   return scales;
 }
 
+namespace {
+
+// Stores a double into element `index` of a new contiguous CPU tensor, rounding as a
+// conversion does: out of range gives inf. Tensor::fill_(double) raises instead on
+// torch < 2.8 ("value cannot be converted to type at::Half without overflow").
+void store_scalar(const at::Tensor& t, int64_t index, double value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "focal_cuda_store_scalar", [&] {
+    t.data_ptr<scalar_t>()[index] = static_cast<scalar_t>(value);
+  });
+}
+
+}  // namespace
+
 void finish_forward(const at::Tensor& loss, const at::Tensor& state, const std::vector<double>& partial,
                     int64_t reduction, const MeanDenominator& denominator, const GradientScales& scales) {
   if (reduction != kReductionNone) {
     double total = 0;
     for (const double v : partial) total += v;
-    loss.fill_(reduction == kReductionMean ? denominator.divide(total) : total);
+    store_scalar(loss, 0, reduction == kReductionMean ? denominator.divide(total) : total);
   }
-  state[0] = scales.forward;
-  state[1] = scales.backward;
-  state[2] = 0;
+  // state is float32 for float16 / bfloat16 inputs: a tiny user normalizer gives scales beyond its range.
+  store_scalar(state, 0, scales.forward);
+  store_scalar(state, 1, scales.backward);
+  store_scalar(state, 2, 0.0);
 }
 
 namespace {

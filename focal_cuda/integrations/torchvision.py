@@ -32,18 +32,22 @@ def retinanet_classification_loss(
 ) -> torch.Tensor:
     """What ``RetinaNetClassificationHead.compute_loss`` returns, computed with index targets in one fused
     call for the whole batch: torchvision's per-image ``sum / max(1, num_foreground)``, averaged over the
-    images, is a per-image normalizer ``max(1, num_foreground) * num_images`` read on the device."""
+    images, is a per-image normalizer ``max(1, num_foreground) * num_images`` read on the device (the
+    backward's grad_output is then 1 and costs no pass). Few tensor ops per image: on a CPU each op on more
+    than a few thousand elements is an OpenMP parallel region, a wait that grows with the machine's load."""
     cls_logits = head_outputs["cls_logits"]  # (N, anchors, C)
     num_classes = cls_logits.shape[-1]
     indices = []
     for targets_per_image, matched in zip(targets, matched_idxs):
-        foreground = matched >= 0
-        background = torch.full_like(matched, num_classes)  # C = background
+        # matched: a box index, _BELOW_LOW_THRESHOLD (background: class C) or _BETWEEN_THRESHOLDS
+        # (ignored). One lookup in [_BETWEEN_THRESHOLDS, C, labels...] at matched + 2 maps all three
+        # (index_select of a 1-D tensor runs on one thread). Filled on the device: no host-to-device copy.
         labels = targets_per_image["labels"]
-        index = background if labels.numel() == 0 else torch.where(foreground, labels[matched.clamp(min=0)], background)
-        indices.append(torch.where(matched == _BETWEEN_THRESHOLDS, torch.full_like(index, _BETWEEN_THRESHOLDS), index))
+        lookup = torch.cat([labels.new_full((2,), num_classes), labels])
+        lookup[0] = _BETWEEN_THRESHOLDS
+        indices.append(lookup.index_select(0, matched - _BETWEEN_THRESHOLDS))
     index = torch.stack(indices)  # (N, anchors): small integer work, the logits are read once below
-    num_foreground = (torch.stack(matched_idxs) >= 0).sum(dim=1)
+    num_foreground = torch.count_nonzero(torch.stack(matched_idxs) >= 0, dim=1)
     normalizer = num_foreground.clamp(min=1) * len(targets)  # on the device
     return sigmoid_focal_loss(cls_logits, index, alpha, gamma, "mean", ignore_index=_BETWEEN_THRESHOLDS,
                               normalizer=normalizer)
