@@ -37,6 +37,10 @@ def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tens
             raise ValueError("alpha must not require grad: focal_cuda differentiates with respect to the logits only, "
                              "got alpha.requires_grad=True")
         if alpha.dim() == 0:
+            # Read on the host: a CPU scalar, or one on the input's device (a meta one holds no value).
+            if alpha.device.type == "meta" or alpha.device not in (input.device, torch.device("cpu")):
+                raise ValueError(f"alpha must be on the input's device {input.device} or a CPU scalar, "
+                                 f"got alpha.device={alpha.device}")
             return None, float(alpha)
         return alpha, 1.0
     if isinstance(alpha, (int, float)):

@@ -116,7 +116,7 @@ compiling_now() {
 # line with the elapsed time and what is being compiled (refreshed in place on a terminal,
 # a line a minute otherwise).
 show_build_progress() {
-  local start=$1 line partial="" done_steps="" every=60 last=$SECONDS tty=0 src status
+  local start=$1 line partial="" said="" done_steps="" every=60 last=$SECONDS tty=0 src status
   [ -t 1 ] && tty=1 && every=5
   while :; do
     if IFS= read -r -t "$every" line; then
@@ -125,7 +125,9 @@ show_build_progress() {
       [ $tty = 1 ] && printf '\r\033[K'
       case "$line" in
         *"focal_cuda: "*)
-          echo "setup: ${line#*focal_cuda: }" ;;
+          # setup.py runs twice under pip (metadata, then the build): say it once
+          [ "$line" = "$said" ] || echo "setup: ${line#*focal_cuda: }"
+          said=$line ;;
         *"["[0-9]*/[0-9]*"] "*)
           done_steps=${line#*[}
           done_steps=${done_steps%%]*}
