@@ -123,8 +123,8 @@ show_build_progress() {
       line=$partial$line
       partial=""
       [ $tty = 1 ] && printf '\r\033[K'
-      case "$line" in
-        *"focal_cuda: "*)
+      case "${line#"${line%%[![:space:]]*}"}" in
+        "focal_cuda: "*)
           # setup.py runs twice under pip (metadata, then the build): say it once
           [ "$line" = "$said" ] || echo "setup: ${line#*focal_cuda: }"
           said=$line ;;
