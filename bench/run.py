@@ -100,6 +100,20 @@ def _load_avg() -> str:
         return ""
 
 
+def _warn_if_busy(device: torch.device) -> None:
+    """On a CPU shared with more runnable threads than cores, every parallel region waits for the scheduler to run
+    its other threads (about 20 ms a region seen on 2 cores at a load of 40): CPU times then measure that."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if device.type == "cpu" and load > cores:
+        print(f"WARNING: the machine is busy (load average {load:.1f} on {cores} cores): with "
+              f"{torch.get_num_threads()} threads each parallel region waits for the scheduler, so times and ratios "
+              "are not those of an idle machine (OMP_NUM_THREADS=1 avoids the waits, not the sharing)")
+
+
 def _rotating_inputs(workload, shape, device, dtype):
     """One input set on the CPU; on a GPU enough copies to exceed twice the L2 cache."""
     x, t = workload.make_inputs(shape, device, dtype)
@@ -246,6 +260,7 @@ def main(argv=None) -> None:
           f"load average {meta['load_avg'] or '?'} at the start")
     print(f"torch {meta['torch']}, focal_cuda build {focal_cuda.build_info()}, commit {meta['commit']}, "
           f"{reps} reps after {args.warmup} warm-up")
+    _warn_if_busy(device)
     plan = [(w, d, p) for w in workloads for d in dtypes for p in providers if p in provider_factories(WORKLOADS[w])]
     rows = []
     floors = {}  # (shape, dtype) -> (copy floor quantiles, allocating copy quantiles), measured once per run
@@ -294,6 +309,7 @@ def main(argv=None) -> None:
     bar.close()
     print_table(rows, floors, device)
     print(f"load average {_load_avg() or '?'} at the end")
+    _warn_if_busy(device)
     if args.csv:
         _append_csv(args.csv, rows)
     if args.plot:
