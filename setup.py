@@ -129,6 +129,30 @@ def _default_arch_list() -> str:
     return ";".join(known)
 
 
+def _warn_cpu_only_wheel() -> None:
+    """pip shows a build's output only with -v or on failure, so a wheel built on a machine without a visible GPU
+    would silently lack the CUDA kernels: say so on the terminal itself when building a wheel (pip wheel,
+    pip install .), and in the build log."""
+    if "bdist_wheel" not in sys.argv:
+        return
+    if torch.version.cuda is None:
+        reason = f"this torch ({torch.__version__}) has no CUDA support"
+    elif CUDA_HOME is None:
+        reason = "no CUDA toolkit was found (set CUDA_HOME)"
+    else:
+        reason = f"no GPU is visible and FORCE_CUDA is not set (CUDA_HOME={CUDA_HOME})"
+    message = (
+        f"\nfocal_cuda: WARNING: this wheel has NO CUDA kernels (CPU only): {reason}. For GPU machines build with "
+        "FORCE_CUDA=1 (CUDA_HOME, TORCH_CUDA_ARCH_LIST as needed); FORCE_CPU=1 says a CPU-only build is intended.\n"
+    )
+    print(message, file=sys.stderr)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(message)
+    except OSError:  # no terminal (CI): the build log has it
+        pass
+
+
 def _cuda_arch_list() -> str:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch_list:
@@ -173,6 +197,8 @@ def _extension(build: dict):
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         print("focal_cuda: building the CPU kernels only (no CUDA: set FORCE_CUDA=1 to build them anyway)")
+        if not _env_flag("FORCE_CPU"):
+            _warn_cpu_only_wheel()
         defines.append(("FOCAL_CUDA_BUILT_WITH_CUDA", "0"))
         return CppExtension(
             "focal_cuda._C", sources, include_dirs=include_dirs, define_macros=defines,

@@ -28,6 +28,10 @@ from torch import Tensor, nn
 
 import focal_cuda
 import focal_cuda.reference
+from focal_cuda._quiet import quiet_cpu_only_notices
+
+# torch.compile (--compile) would print torch's "No CUDA runtime is found" notice on a machine without a GPU.
+quiet_cpu_only_notices()
 
 # The two implementations have the same signatures and semantics: the examples take either module.
 LOSSES = {"focal_cuda": focal_cuda, "reference": focal_cuda.reference}
@@ -79,6 +83,24 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_device(device: str) -> torch.device:
+    """``--device`` as a torch.device, or an exit with a message that says what is wrong (no traceback)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {device}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {device}: no GPU is visible to torch {torch.__version__} "
+                             f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); run on the CPU with --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise SystemExit(f"error: --device {device}: the examples run on cpu or cuda")
+    return dev
+
+
 def init_distributed(device: str) -> DistInfo:
     """Reads the launcher's environment (``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``) and joins the process group: NCCL for CUDA, gloo for the CPU.
@@ -86,7 +108,7 @@ def init_distributed(device: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
         index = local_rank if world_size > 1 else (dev.index or 0)
         dev = torch.device("cuda", index)

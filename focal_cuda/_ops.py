@@ -16,6 +16,15 @@ _LIB = "focal_cuda"
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
+def _check_device(op: str, tensor, name: str, like: torch.Tensor, like_name: str, cpu_scalar_ok: bool = False) -> None:
+    """The kernels' device check, in the fake kernels too: a tensor argument on another device (the meta device
+    included) routes the call here instead of to a kernel, and torch.compile traces through here."""
+    if tensor is None or tensor.device == like.device or (cpu_scalar_ok and tensor.device.type == "cpu"):
+        return
+    also = " or a CPU scalar" if cpu_scalar_ok else ""
+    raise ValueError(f"{op}: {name} must be on the {like_name} device {like.device}{also}, got {name}.device={tensor.device}")
+
+
 def _state_like(input: torch.Tensor) -> torch.Tensor:
     return input.new_empty((3,), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
 
@@ -25,6 +34,8 @@ def _softmax_focal_loss_forward_fake(
     input, target, class_weight, alpha, gamma, ignore_index, reduction, compute_grad, inplace_backward=False,
     gamma_thresholds=(), gamma_values=(), loss_dtype=None,
 ):
+    _check_device("softmax_focal_loss", target, "target", input, "input's")
+    _check_device("softmax_focal_loss", class_weight, "alpha", input, "input's")
     dtype = loss_dtype or input.dtype
     loss = input.new_empty(target.shape, dtype=dtype) if reduction == _REDUCTIONS["none"] else input.new_empty((), dtype=dtype)
     grad = torch.empty_like(input) if compute_grad else input.new_empty((0,))
@@ -36,6 +47,8 @@ def _sigmoid_focal_loss_forward_fake(
     input, target, alpha, gamma, ignore_index, reduction, normalizer, compute_grad, inplace_backward=False,
     gamma_thresholds=(), gamma_values=(), loss_dtype=None, class_dim=-1,
 ):
+    _check_device("sigmoid_focal_loss", target, "targets", input, "inputs'")
+    _check_device("sigmoid_focal_loss", normalizer, "normalizer", input, "inputs'", cpu_scalar_ok=True)
     # The kernels write contiguous outputs.
     dtype = loss_dtype or input.dtype
     loss = input.new_empty(input.shape, dtype=dtype) if reduction == _REDUCTIONS["none"] else input.new_empty((), dtype=dtype)
@@ -43,13 +56,20 @@ def _sigmoid_focal_loss_forward_fake(
     return loss, grad, _state_like(input)
 
 
+def _check_backward_devices(grad_input, state, grad_output) -> None:
+    _check_device("focal_loss_backward", state, "state", grad_input, "grad_input's")
+    _check_device("focal_loss_backward", grad_output, "grad_output", grad_input, "grad_input's")
+
+
 @torch.library.register_fake(f"{_LIB}::focal_loss_backward_")
 def _focal_loss_backward_inplace_fake(grad_input, state, grad_output):
+    _check_backward_devices(grad_input, state, grad_output)
     return None
 
 
 @torch.library.register_fake(f"{_LIB}::focal_loss_backward")
 def _focal_loss_backward_fake(grad_input, state, grad_output):
+    _check_backward_devices(grad_input, state, grad_output)
     return torch.empty_like(grad_input)
 
 

@@ -70,8 +70,11 @@ def _split_alpha(alpha: Alpha, input: torch.Tensor) -> tuple[Optional[torch.Tens
             raise ValueError("alpha must not require grad: focal_cuda differentiates with respect to the logits only, "
                              "got alpha.requires_grad=True")
         if alpha.dim() == 0:
-            if alpha.device.type == "cpu" and input.device.type != "meta":
+            if alpha.device.type == "cpu":
                 return None, float(alpha)  # a CPU number: reading it costs nothing
+            if alpha.device != input.device:
+                raise ValueError(f"alpha must be on the input's device {input.device} or a CPU scalar, "
+                                 f"got alpha.device={alpha.device}")
             # A device scalar: read on the device as a stride-0 view of one weight per class
             # (float() would wait for the device).
             return alpha.expand(input.shape[1] if input.dim() >= 2 else 0), 1.0

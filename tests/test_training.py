@@ -125,6 +125,22 @@ def test_examples_command_line(capsys):
             print("\n" + out)
 
 
+@pytest.mark.parametrize("script", ["train_segmentation.py", "train_detection.py"])
+def test_examples_device_cuda_without_gpu(script):
+    """--device cuda where no GPU is visible: a message that says so, not a traceback."""
+    import subprocess
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # hides a GPU where there is one
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--device", "cuda", "--steps", "1"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "--device cuda: no GPU is visible" in out.stderr and "--device cpu" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    for bad, says in (("gpu", "--device gpu: Expected one of"), ("meta", "the examples run on cpu or cuda")):
+        with pytest.raises(SystemExit, match=says):
+            common.check_device(bad)
+
+
 # ============================================================================ (2) mixed precision
 
 
