@@ -319,7 +319,10 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
                                     SigmoidArgs<typename AccumulateType<scalar_t>::type> a) {
   using acc_t = typename AccumulateType<scalar_t>::type;
   using Math = typename ElementwiseMath<scalar_t>::type;
-  constexpr int UNROLL = VEC > 1 ? 2 : 4;
+  // 16-bit logits: one 16-byte pack per thread in flight (1024 threads x 16 B = 16 KB per SM at
+  // 4 blocks); a second pack spills past 64 registers in the gamma = 2 copy, whose shorter
+  // dependency chains ptxas interleaves more.
+  constexpr int UNROLL = VEC == 8 ? 1 : VEC > 1 ? 2 : 4;
   const acc_t forward_scale = sigmoid_forward_scale(a);
   const bool write_loss = a.reduction == kReductionNone;
   const long long numel = rows * classes;
