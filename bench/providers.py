@@ -3,7 +3,9 @@ torchvision; focal_cuda's own op is the one under test. Every provider maps (log
 workload's loss: "mean" for softmax, "sum" for sigmoid (as RetinaNet uses it).
 
 classification_flsd53 compares focal_cuda's fused FLSD-53 schedule with focal_cuda at the constant gamma 3,
-with the public code's per-sample loop (one .item() per sample) and with a torch.where vectorisation."""
+with the public code's per-sample loop (one .item() per sample) and with a torch.where vectorisation.
+liger_cross_entropy (classification, on a GPU where Liger-Kernel is installed) is a peer's fused kernel
+moving the same bytes, at gamma = 0."""
 
 from __future__ import annotations
 
@@ -99,18 +101,37 @@ def _flsd53_factories() -> dict[str, Callable[[], Provider]]:
     }
 
 
+def _liger_available() -> bool:
+    """Liger-Kernel's fused cross-entropy (Triton, CUDA only), where it is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+
+
+def _liger_cross_entropy() -> Provider:
+    """A peer's fused kernel on the same bytes: Liger-Kernel's cross-entropy (focal loss at gamma = 0) reads the
+    (N, C) logits once and writes their gradient in its forward, as focal_cuda does."""
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    loss = LigerCrossEntropyLoss(ignore_index=IGNORE, reduction="mean")
+    return Provider("liger_cross_entropy", lambda x, t: loss(x, t), other_loss=True)
+
+
 def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
     """Name -> factory (compiled providers are built only when asked for)."""
     if workload.gamma == "flsd53":
         return _flsd53_factories()
     if workload.loss == "softmax":
-        return {
+        factories = {
             "focal_cuda": lambda: Provider("focal_cuda", _softmax(focal_cuda.softmax_focal_loss)),
             "reference": lambda: Provider("reference", _softmax(reference.softmax_focal_loss)),
             "reference_compiled": lambda: Provider("reference_compiled",
                                                    _compiled(_softmax(reference.softmax_focal_loss))),
             "lean_cross_entropy": lambda: Provider("lean_cross_entropy", _softmax(reference.softmax_focal_loss_lean)),
         }
+        if workload.name == "classification" and _liger_available():  # (N, C) rows only
+            factories["liger_cross_entropy"] = _liger_cross_entropy
+        return factories
     import torchvision
 
     return {
@@ -126,4 +147,4 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
 
 ALL_PROVIDERS = ["focal_cuda", "reference", "reference_compiled", "lean_cross_entropy", "torchvision",
                  "torchvision_compiled", "focal_cuda_gamma3", "flsd53_torch_where", "flsd53_torch_where_compiled",
-                 "flsd53_per_sample_loop"]
+                 "flsd53_per_sample_loop", "liger_cross_entropy"]

@@ -27,6 +27,7 @@ _check_build_torch()
 
 from . import _C, _ops  # noqa: E402, F401  (registers the operators)
 from . import calibration, reference  # noqa: E402
+from .checks import cuda_target_checks, set_cuda_target_checks  # noqa: E402
 from .functional import sigmoid_focal_loss, softmax_focal_loss  # noqa: E402
 from .modules import FusedFocalLoss  # noqa: E402
 from .schedule import GammaSchedule  # noqa: E402
@@ -36,7 +37,9 @@ __all__ = [
     "GammaSchedule",
     "build_info",
     "calibration",
+    "cuda_target_checks",
     "reference",
+    "set_cuda_target_checks",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
 ]

@@ -1,12 +1,19 @@
 """Static report of the built extension's CUDA kernels: no GPU needed.
 
-    python -m focal_cuda.kernel_report [--arch sm_90] [--csv PATH]
+    python -m focal_cuda.kernel_report [--arch sm_90] [--csv PATH] [--loops]
 
 For every kernel and architecture in the binary: registers, stack and spill bytes (local memory),
 static shared memory, the theoretical resident warps per SM at the kernel's block size (from the
 register and shared-memory limits of that architecture), the widest global load and store in its
 machine code, and the number of global loads. Read with ``cuobjdump`` (from the CUDA toolkit, the
 ``nvidia-cuda-cuobjdump`` wheel, or the copy Triton ships).
+
+``--loops`` adds, per kernel, its streaming loop as the machine code has it: the backward branch whose
+body issues the most global loads, with its instruction count, loads (count and bytes), stores and
+MUFU (special-function) instructions. Divide by the elements one iteration handles to get instructions
+per element (docs/design.md, section 7). The loop chosen is the one with the most MUFU (special-function:
+exp2, log2, reciprocal) instructions, where the element math is; branches inside its body (ignored
+targets, edges, schedules) make the count an upper bound of what a warp issues per iteration.
 
 The kernels that stage a row in dynamic shared memory (``long_rows``, ``positions`` with STAGED) take
 more at run time, depending on the number of classes; their occupancy here counts registers and static
@@ -166,6 +173,74 @@ def collect(library: Path, cuobjdump: str) -> list[KernelUsage]:
     return rows
 
 
+@dataclasses.dataclass
+class StreamingLoop:  # static counts over the loop's address range
+    arch: str
+    name: str
+    instructions: int
+    loads: int
+    load_bytes: int
+    stores: int
+    store_bytes: int
+    mufu: int
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
+def streaming_loops(library: Path, cuobjdump: str) -> list[StreamingLoop]:
+    """The streaming loop of each focal_cuda kernel, per architecture."""
+    functions: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+    sass_arch, function = None, None
+    for line in _run(cuobjdump, "-sass", library=library).splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            sass_arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            function = m.group(1)
+            functions[(sass_arch, function)] = []
+            continue
+        m = _SASS_LINE.search(line)
+        if m and function is not None:
+            functions[(sass_arch, function)].append((int(m.group(1), 16), m.group(3), m.group(4)))
+    names = demangle(sorted({f for _, f in functions if "focal_cuda" in f}))
+    out = []
+    for (arch, mangled), code in functions.items():
+        if "focal_cuda" not in mangled:
+            continue
+        best = None
+        for address, opcode, operands in code:
+            if not opcode.startswith("BRA"):
+                continue
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            if target is None or int(target.group(1), 16) >= address:
+                continue
+            body = [(o, a) for addr, o, a in code if int(target.group(1), 16) <= addr <= address]
+            loads = [o for o, _ in body if o.startswith("LDG")]
+            stores = [o for o, _ in body if o.startswith("STG")]
+            loop = StreamingLoop(arch, shorten(names.get(mangled, mangled)), len(body), len(loads),
+                                 sum(_access_width(o) for o in loads), len(stores),
+                                 sum(_access_width(o) for o in stores), sum(o.startswith("MUFU") for o, _ in body))
+            # The streaming loop does the math: most special-function instructions (exp, log, rcp); the
+            # finishing block's loop over the partials issues loads but no MUFU.
+            if best is None or (loop.mufu, loop.loads, -loop.instructions) > (best.mufu, best.loads, -best.instructions):
+                best = loop
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def format_loops(loops: list[StreamingLoop]) -> str:
+    header = f"{'arch':7} {'instr':>5} {'LDGs':>4} {'ld B':>5} {'STGs':>4} {'st B':>5} {'MUFU':>4}  kernel (streaming loop)"
+    lines = [header, "-" * len(header)]
+    for k in sorted(loops, key=lambda r: (r.arch, r.name)):
+        lines.append(f"{k.arch:7} {k.instructions:5} {k.loads:4} {k.load_bytes:5} {k.stores:4} {k.store_bytes:5} "
+                     f"{k.mufu:4}  {k.name}")
+    return "\n".join(lines)
+
+
 def memory_bound(k: KernelUsage) -> bool:
     """The kernels the bandwidth targets are about: every streaming kernel but the float64 ones, which
     take 128 registers for their accurate double-precision math (a correctness dtype, not a speed one)."""
@@ -189,6 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m focal_cuda.kernel_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", action="append", help="only these architectures (e.g. sm_90); repeatable")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    parser.add_argument("--loops", action="store_true", help="also print each kernel's streaming loop")
     parser.add_argument("--library", type=Path, help="the extension to read (default: the installed focal_cuda._C)")
     args = parser.parse_args(argv)
     library = args.library
@@ -207,6 +283,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.arch:
         rows = [r for r in rows if r.arch in args.arch]
     print(format_table(rows))
+    if args.loops:
+        loops = streaming_loops(library, cuobjdump)
+        if args.arch:
+            loops = [r for r in loops if r.arch in args.arch]
+        print()
+        print(format_loops(loops))
     if args.csv:
         fields = [f.name for f in dataclasses.fields(KernelUsage)] + ["resident_warps", "occupancy"]
         with open(args.csv, "w") as f:

@@ -516,7 +516,9 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     // 32-bit byte offsets (the host checks (C - 1) * stride_c * sizeof < 2^32 for this
     // kernel): one IMAD.WIDE per address.
     const unsigned stride_bytes = static_cast<unsigned>(g.input_stride_c * sizeof(scalar_t));
-    auto at = [&](int c) {
+    // c unsigned: a zero-extended 32 x 32 -> 64-bit IMAD.WIDE.U32 (a signed int costs a
+    // sign-extension and a second IMAD per address).
+    auto at = [&](unsigned c) {
       return *reinterpret_cast<const scalar_t*>(reinterpret_cast<const char*>(row) +
                                                 static_cast<unsigned long long>(stride_bytes) * c);
     };
@@ -525,12 +527,14 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     // C == 0 (numel 0 with positions; the pointer may be null) reads nothing.
     scalar_t x[C_MAX];
 #pragma unroll
-    for (int c = 0; c < C_MAX; ++c) x[c] = C > 0 ? at(c < C ? c : C - 1) : storage_negative_infinity<scalar_t>();
+    for (int c = 0; c < C_MAX; ++c) {
+      x[c] = C > 0 ? at(static_cast<unsigned>(c < C ? c : C - 1)) : storage_negative_infinity<scalar_t>();
+    }
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) {
       if (c >= C) x[c] = storage_negative_infinity<scalar_t>();
     }
-    const acc_t x_t = t.valid ? to_acc(at(t.index)) : acc_t(0);
+    const acc_t x_t = t.valid ? to_acc(at(static_cast<unsigned>(t.index))) : acc_t(0);
     acc_t m = to_acc(x[0]);
 #pragma unroll
     for (int c = 1; c < C_MAX; ++c) m = max_acc(m, to_acc(x[c]));
@@ -545,7 +549,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
     scalar_t* grad_row = grad + n * g.grad_stride_n + s;
     // Byte offsets: one IMAD.WIDE per address.
     const unsigned grad_stride_bytes = static_cast<unsigned>(g.grad_stride_c * sizeof(scalar_t));
-    auto grad_at = [&](int c) {
+    auto grad_at = [&](unsigned c) {
       return reinterpret_cast<scalar_t*>(reinterpret_cast<char*>(grad_row) +
                                          static_cast<unsigned long long>(grad_stride_bytes) * c);
     };
@@ -562,7 +566,7 @@ __global__ void __launch_bounds__(kBlock, blocks_per_sm<scalar_t>(kMinBlocksPerS
       if (c < C) *grad_at(c) = from_acc<scalar_t>(softmax_exp(to_acc(x[c]) - m) * r.grad_scale);
     }
     // The target's gradient replaces what was just stored (same thread: ordered).
-    if (t.valid) *grad_at(t.index) = from_acc<scalar_t>(r.target_grad);
+    if (t.valid) *grad_at(static_cast<unsigned>(t.index)) = from_acc<scalar_t>(r.target_grad);
   }
   softmax_reduce_and_finalize<kBlock>(*thread_loss, *thread_count, a, loss_out);
 }
