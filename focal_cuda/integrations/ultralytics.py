@@ -34,8 +34,8 @@ class FocalLoss(nn.Module):
     def __init__(self, gamma: float = 1.5, alpha: Union[float, Sequence[float]] = 0.25) -> None:
         super().__init__()
         self.gamma = float(gamma)
-        if isinstance(alpha, torch.Tensor):
-            alpha = alpha.tolist()
+        # ultralytics keeps torch.tensor(alpha): float32 values
+        alpha = (alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha)).float().tolist()
         if isinstance(alpha, Sequence):
             self.alpha = [float(a) for a in alpha]
             self.class_alpha = any(a > 0 for a in self.alpha)  # ultralytics: (alpha > 0).any()
