@@ -5,12 +5,19 @@ workload's loss: "mean" for softmax, "sum" for sigmoid (as RetinaNet uses it).
 classification_flsd53 compares focal_cuda's fused FLSD-53 schedule with focal_cuda at the constant gamma 3,
 with the public code's per-sample loop (one .item() per sample) and with a torch.where vectorisation.
 liger_cross_entropy (classification, on a GPU where Liger-Kernel is installed) is a peer's fused kernel
-moving the same bytes, at gamma = 0."""
+moving the same bytes, at gamma = 0.
+
+The drop-in peers, where their package is installed, compute each workload's loss with their own code (plus
+the division or scaling that turns their reduction into the workload's): kornia's softmax focal_loss on
+segmentation; fvcore's sigmoid_focal_loss (and the TorchScript one detectron2 calls), kornia's
+binary_focal_loss_with_logits and ultralytics' FocalLoss on detection_dense; segmentation_models_pytorch's
+multiclass FocalLoss on segmentation_sigmoid. focal_cuda's adapters for them (focal_cuda.integrations) make
+the focal_cuda row's call on these workloads, plus at most one scalar division."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +39,17 @@ class Provider:
     dense_targets: bool = False
     # Another loss than the workload's, timed for comparison (focal_cuda at a constant gamma next to a schedule).
     other_loss: bool = False
+    # Index targets of this dtype (kornia takes int64 labels only), converted before the timing.
+    index_dtype: Optional[torch.dtype] = None
+    # Computes in float32 whatever the logits' dtype (fvcore): agrees with the others to float32's precision.
+    float32_math: bool = False
 
     def prepare_targets(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.dense_targets and not t.is_floating_point():
             num_classes = x.shape[-1]
             return torch.nn.functional.one_hot(t, num_classes + 1)[..., :num_classes].to(x.dtype)
+        if self.index_dtype is not None and not t.is_floating_point():
+            return t.to(self.index_dtype)
         return t
 
 
@@ -117,8 +130,76 @@ def _liger_cross_entropy() -> Provider:
     return Provider("liger_cross_entropy", lambda x, t: loss(x, t), other_loss=True)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _count_valid(t: torch.Tensor) -> torch.Tensor:
+    return (t != IGNORE).sum()
+
+
+def _kornia_softmax() -> Provider:
+    """kornia.losses.focal_loss: its "mean" counts ignored positions and the C slices of its loss map, so the
+    workload's mean is its sum over the non-ignored positions."""
+    from kornia.losses import focal_loss
+
+    def fn(x, t):
+        return focal_loss(x, t, alpha=None, gamma=GAMMA, reduction="sum", ignore_index=IGNORE) / _count_valid(t)
+
+    return Provider("kornia", fn, index_dtype=torch.int64)
+
+
+def _kornia_binary() -> Provider:
+    """kornia.losses.binary_focal_loss_with_logits on the one-hot targets, without its ignore mask."""
+    from kornia.losses import binary_focal_loss_with_logits
+
+    def fn(x, t):
+        return binary_focal_loss_with_logits(x, t, alpha=0.25, gamma=GAMMA, reduction="sum", ignore_index=None)
+
+    return Provider("kornia_binary", fn, dense_targets=True)
+
+
+def _fvcore(jit: bool) -> Provider:
+    """fvcore.nn.sigmoid_focal_loss(_jit) (detectron2's RetinaNet calls the TorchScript one): float32 math."""
+    from fvcore import nn as fvcore_nn
+
+    loss = fvcore_nn.sigmoid_focal_loss_jit if jit else fvcore_nn.sigmoid_focal_loss
+    name = "fvcore_jit" if jit else "fvcore"
+    return Provider(name, lambda x, t: loss(x, t, 0.25, GAMMA, "sum").to(x.dtype), dense_targets=True,
+                    float32_math=True)
+
+
+def _ultralytics() -> Provider:
+    """ultralytics.utils.loss.FocalLoss reduces with .mean(1).sum(): times C is the workload's sum."""
+    import os
+
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    from ultralytics.utils.loss import FocalLoss
+
+    loss = FocalLoss(gamma=GAMMA, alpha=0.25)
+    return Provider("ultralytics", lambda x, t: loss(x, t) * x.shape[1], dense_targets=True)
+
+
+def _smp() -> Provider:
+    """segmentation_models_pytorch.losses.FocalLoss("multiclass"): sigmoid one-vs-rest, a loop over the classes
+    with a masked copy of each class's logits; its mean is the workload's."""
+    from segmentation_models_pytorch.losses import FocalLoss
+
+    loss = FocalLoss("multiclass", alpha=0.25, gamma=GAMMA, ignore_index=IGNORE)
+    return Provider("smp", lambda x, t: loss(x, t))
+
+
+def _channel_first_sigmoid(fn):
+    return lambda x, t: fn(x, t, alpha=0.25, gamma=GAMMA, reduction="mean", ignore_index=IGNORE, class_dim=1)
+
+
 def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
-    """Name -> factory (compiled providers are built only when asked for)."""
+    """Name -> factory (compiled providers are built only when asked for; peers only where installed)."""
     if workload.gamma == "flsd53":
         return _flsd53_factories()
     if workload.loss == "softmax":
@@ -131,10 +212,22 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
         }
         if workload.name == "classification" and _liger_available():  # (N, C) rows only
             factories["liger_cross_entropy"] = _liger_cross_entropy
+        if workload.name == "segmentation" and _installed("kornia"):
+            factories["kornia"] = _kornia_softmax
+        return factories
+    if workload.class_dim == 1:
+        factories = {
+            "focal_cuda": lambda: Provider("focal_cuda", _channel_first_sigmoid(focal_cuda.sigmoid_focal_loss)),
+            "reference": lambda: Provider("reference", _channel_first_sigmoid(reference.sigmoid_focal_loss)),
+            "reference_compiled": lambda: Provider(
+                "reference_compiled", _compiled(_channel_first_sigmoid(reference.sigmoid_focal_loss))),
+        }
+        if _installed("segmentation_models_pytorch"):
+            factories["smp"] = _smp
         return factories
     import torchvision
 
-    return {
+    factories = {
         "focal_cuda": lambda: Provider("focal_cuda", _sigmoid(focal_cuda.sigmoid_focal_loss)),
         "reference": lambda: Provider("reference", _sigmoid(reference.sigmoid_focal_loss)),
         "reference_compiled": lambda: Provider("reference_compiled",
@@ -143,8 +236,18 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
         "torchvision_compiled": lambda: Provider("torchvision_compiled",
                                                  _compiled(_sigmoid(torchvision.ops.sigmoid_focal_loss)), True),
     }
+    if workload.targets == "dense":  # the peers take dense targets only
+        if _installed("fvcore"):
+            factories["fvcore"] = lambda: _fvcore(jit=False)
+            factories["fvcore_jit"] = lambda: _fvcore(jit=True)
+        if _installed("kornia"):
+            factories["kornia_binary"] = _kornia_binary
+        if _installed("ultralytics"):
+            factories["ultralytics"] = _ultralytics
+    return factories
 
 
 ALL_PROVIDERS = ["focal_cuda", "reference", "reference_compiled", "lean_cross_entropy", "torchvision",
                  "torchvision_compiled", "focal_cuda_gamma3", "flsd53_torch_where", "flsd53_torch_where_compiled",
-                 "flsd53_per_sample_loop", "liger_cross_entropy"]
+                 "flsd53_per_sample_loop", "liger_cross_entropy", "kornia", "kornia_binary", "fvcore", "fvcore_jit",
+                 "ultralytics", "smp"]

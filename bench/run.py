@@ -186,7 +186,7 @@ def _providers_help() -> str:
     for workload in WORKLOADS.values():
         for name in provider_factories(workload):
             where.setdefault(name, []).append(workload.name)
-    parts = [f"{name} ({'every workload' if len(where.get(name, [])) == len(WORKLOADS) else ', '.join(where.get(name, []))})"
+    parts = [f"{name} ({'every workload' if len(where.get(name, [])) == len(WORKLOADS) else ', '.join(where.get(name, [])) or 'not installed here'})"
              for name in ALL_PROVIDERS]
     return "comma list of: " + "; ".join(parts) + ". A provider is skipped for workloads it does not apply to"
 

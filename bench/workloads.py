@@ -22,6 +22,9 @@ class Workload:
     # ("flsd53": the workload compares focal_cuda's fused schedule with its constant gamma and the
     # ways FLSD-53 is written in plain PyTorch; no ignored targets, which the public code lacks).
     gamma: object = 2.0
+    # Where the classes are: -1 (last, detection heads) or 1 (channel-first (N, C, H, W) segmentation logits,
+    # read in place by focal_cuda's sigmoid loss with class_dim=1).
+    class_dim: int = -1
 
     def shape(self, device: torch.device, small: bool) -> tuple[int, ...]:
         if small:
@@ -32,7 +35,7 @@ class Workload:
         """Logits and targets, drawn on the CPU (same values on every device) then moved."""
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=gen).mul_(2.0)
-        if self.loss == "softmax":
+        if self.loss == "softmax" or self.class_dim == 1:  # label maps: a class per position, 255 ignored
             num_classes = shape[1]
             target = torch.randint(0, num_classes, (shape[0], *shape[2:]), generator=gen)
             if self.ignore_fraction:
@@ -66,6 +69,9 @@ WORKLOADS: dict[str, Workload] = {
                  note="sigmoid, class-index targets (background = C)"),
         Workload("segmentation", "softmax", "index", (8, 19, 256, 512), (8, 19, 512, 1024), (2, 19, 64, 128),
                  ignore_fraction=0.05, note="softmax NCHW, uint8 masks, 5% ignored (255)"),
+        Workload("segmentation_sigmoid", "sigmoid", "index", (8, 19, 256, 512), (8, 19, 512, 1024), (2, 19, 64, 128),
+                 ignore_fraction=0.05, class_dim=1,
+                 note="sigmoid one-vs-rest NCHW (smp / mmseg style), uint8 masks, 5% ignored (255)"),
         Workload("classification", "softmax", "index", (65536, 1000), (65536, 1000), (4096, 1000),
                  note="softmax (N, C), int64 targets"),
         Workload("classification_flsd53", "softmax", "index", (65536, 1000), (65536, 1000), (4096, 1000),

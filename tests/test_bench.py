@@ -38,13 +38,16 @@ def test_providers_agree(workload):
         leaf = x.detach().requires_grad_()
         loss = p.fn(leaf, p.prepare_targets(leaf, t))
         loss.backward()
-        results[name] = (loss.detach(), leaf.grad)
+        results[name] = (loss.detach(), leaf.grad, p.float32_math)
     assert "focal_cuda" in results and len(results) >= 3
-    for name, (loss, grad) in results.items():
+    for name, (loss, grad, float32_math) in results.items():
         # torchvision's BCE formula loses relative digits in the far tails (see reference.sigmoid_focal_loss)
         rtol = 1e-6 if name == "torchvision" else 1e-9
+        atol = 1e-12
+        if float32_math:  # float32 rounding, relative to the largest gradient
+            rtol, atol = 1e-5, 1e-5 * float(results["reference"][1].abs().max())
         torch.testing.assert_close(loss, results["reference"][0], rtol=rtol, atol=0, msg=name)
-        torch.testing.assert_close(grad, results["reference"][1], rtol=rtol, atol=1e-12, msg=name)
+        torch.testing.assert_close(grad, results["reference"][1], rtol=rtol, atol=atol, msg=name)
 
 
 def _run_bench(*args, env=None, timeout=900):
