@@ -11,8 +11,8 @@ The drop-in peers, where their package is installed, compute each workload's los
 the division or scaling that turns their reduction into the workload's): kornia's softmax focal_loss on
 segmentation; fvcore's sigmoid_focal_loss (and the TorchScript one detectron2 calls), kornia's
 binary_focal_loss_with_logits and ultralytics' FocalLoss on detection_dense; segmentation_models_pytorch's
-multiclass FocalLoss on segmentation_sigmoid. focal_cuda's adapters for them (focal_cuda.integrations) make
-the focal_cuda row's call on these workloads, plus at most one scalar division."""
+multiclass FocalLoss on segmentation_sigmoid. Next to each, focal_cuda_<peer> is focal_cuda's adapter for it
+(focal_cuda.integrations) called the same way (focal_cuda_kornia_binary_hard: with hard_targets=True)."""
 
 from __future__ import annotations
 
@@ -194,6 +194,40 @@ def _smp() -> Provider:
     return Provider("smp", lambda x, t: loss(x, t))
 
 
+def _adapters() -> dict[str, Callable[[], Provider]]:
+    """focal_cuda's drop-in adapters computing each workload's loss through the peer's interface (timed next to
+    the peer's own code; listed where the peer is installed)."""
+    from focal_cuda.integrations import fvcore as fvcore_adapter
+    from focal_cuda.integrations import kornia as kornia_adapter
+    from focal_cuda.integrations import smp as smp_adapter
+    from focal_cuda.integrations import ultralytics as ultralytics_adapter
+
+    def kornia_softmax(x, t):
+        return kornia_adapter.focal_loss(x, t, None, GAMMA, "sum", ignore_index=IGNORE) / _count_valid(t)
+
+    def kornia_binary(x, t):  # kornia's defaults but ignore_index: floating targets take the soft formula
+        return kornia_adapter.binary_focal_loss_with_logits(x, t, 0.25, GAMMA, "sum", ignore_index=None)
+
+    def kornia_binary_hard(x, t):
+        return kornia_adapter.binary_focal_loss_with_logits(x, t, 0.25, GAMMA, "sum", ignore_index=None,
+                                                            hard_targets=True)
+
+    smp_loss = smp_adapter.FocalLoss("multiclass", alpha=0.25, gamma=GAMMA, ignore_index=IGNORE)
+    ultralytics_loss = ultralytics_adapter.FocalLoss(gamma=GAMMA, alpha=0.25)
+    return {
+        "focal_cuda_kornia": lambda: Provider("focal_cuda_kornia", kornia_softmax, index_dtype=torch.int64),
+        "focal_cuda_kornia_binary": lambda: Provider("focal_cuda_kornia_binary", kornia_binary, dense_targets=True),
+        "focal_cuda_kornia_binary_hard": lambda: Provider("focal_cuda_kornia_binary_hard", kornia_binary_hard,
+                                                          dense_targets=True),
+        "focal_cuda_fvcore": lambda: Provider(
+            "focal_cuda_fvcore", lambda x, t: fvcore_adapter.sigmoid_focal_loss_jit(x, t, 0.25, GAMMA, "sum"),
+            dense_targets=True),
+        "focal_cuda_ultralytics": lambda: Provider("focal_cuda_ultralytics",
+                                                   lambda x, t: ultralytics_loss(x, t) * x.shape[1], dense_targets=True),
+        "focal_cuda_smp": lambda: Provider("focal_cuda_smp", lambda x, t: smp_loss(x, t)),
+    }
+
+
 def _channel_first_sigmoid(fn):
     return lambda x, t: fn(x, t, alpha=0.25, gamma=GAMMA, reduction="mean", ignore_index=IGNORE, class_dim=1)
 
@@ -214,6 +248,7 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
             factories["liger_cross_entropy"] = _liger_cross_entropy
         if workload.name == "segmentation" and _installed("kornia"):
             factories["kornia"] = _kornia_softmax
+            factories["focal_cuda_kornia"] = _adapters()["focal_cuda_kornia"]
         return factories
     if workload.class_dim == 1:
         factories = {
@@ -224,6 +259,7 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
         }
         if _installed("segmentation_models_pytorch"):
             factories["smp"] = _smp
+            factories["focal_cuda_smp"] = _adapters()["focal_cuda_smp"]
         return factories
     import torchvision
 
@@ -237,17 +273,23 @@ def provider_factories(workload: Workload) -> dict[str, Callable[[], Provider]]:
                                                  _compiled(_sigmoid(torchvision.ops.sigmoid_focal_loss)), True),
     }
     if workload.targets == "dense":  # the peers take dense targets only
+        adapters = _adapters()
         if _installed("fvcore"):
             factories["fvcore"] = lambda: _fvcore(jit=False)
             factories["fvcore_jit"] = lambda: _fvcore(jit=True)
+            factories["focal_cuda_fvcore"] = adapters["focal_cuda_fvcore"]
         if _installed("kornia"):
             factories["kornia_binary"] = _kornia_binary
+            factories["focal_cuda_kornia_binary"] = adapters["focal_cuda_kornia_binary"]
+            factories["focal_cuda_kornia_binary_hard"] = adapters["focal_cuda_kornia_binary_hard"]
         if _installed("ultralytics"):
             factories["ultralytics"] = _ultralytics
+            factories["focal_cuda_ultralytics"] = adapters["focal_cuda_ultralytics"]
     return factories
 
 
 ALL_PROVIDERS = ["focal_cuda", "reference", "reference_compiled", "lean_cross_entropy", "torchvision",
                  "torchvision_compiled", "focal_cuda_gamma3", "flsd53_torch_where", "flsd53_torch_where_compiled",
-                 "flsd53_per_sample_loop", "liger_cross_entropy", "kornia", "kornia_binary", "fvcore", "fvcore_jit",
-                 "ultralytics", "smp"]
+                 "flsd53_per_sample_loop", "liger_cross_entropy", "kornia", "focal_cuda_kornia", "kornia_binary",
+                 "focal_cuda_kornia_binary", "focal_cuda_kornia_binary_hard", "fvcore", "fvcore_jit",
+                 "focal_cuda_fvcore", "ultralytics", "focal_cuda_ultralytics", "smp", "focal_cuda_smp"]
