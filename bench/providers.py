@@ -205,7 +205,7 @@ def _adapters() -> dict[str, Callable[[], Provider]]:
     def kornia_softmax(x, t):
         return kornia_adapter.focal_loss(x, t, None, GAMMA, "sum", ignore_index=IGNORE) / _count_valid(t)
 
-    def kornia_binary(x, t):  # kornia's defaults but ignore_index: floating targets take the soft formula
+    def kornia_binary(x, t):  # kornia's defaults but ignore_index: on a GPU, floating targets take the soft formula
         return kornia_adapter.binary_focal_loss_with_logits(x, t, 0.25, GAMMA, "sum", ignore_index=None)
 
     def kornia_binary_hard(x, t):

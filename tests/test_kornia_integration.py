@@ -58,7 +58,7 @@ def test_focal_loss_module(kornia_losses, device, gen, dtype, gamma):
     assert_matches_peer(lambda v: ours(v, target), lambda v: theirs(v, target), x, gen)
 
 
-TARGETS = ["hard_float", "hard_int", "hard_float_promised", "soft", "ignored"]
+TARGETS = ["hard_float", "hard_int", "hard_float_promised", "soft", "soft_declared", "ignored"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,7 +72,7 @@ def test_binary_focal_loss(kornia_losses, device, gen, dtype, reduction, alpha, 
     ignore_index = None if kind.startswith("hard") else -100
     if kind == "hard_int":
         target = hard.long()
-    elif kind == "soft":
+    elif kind.startswith("soft"):
         target = torch.rand(SHAPE, generator=gen, dtype=torch.float64)
     elif kind == "ignored":
         target = torch.where(torch.rand(SHAPE, generator=gen) < 0.2, -100.0, hard)
@@ -88,8 +88,8 @@ def test_binary_focal_loss(kornia_losses, device, gen, dtype, reduction, alpha, 
         return fn(v, cast(target, v), alpha=alpha, gamma=2.0, reduction=reduction,
                   weight=None if weight is None else weight.to(v.dtype), ignore_index=ignore_index, **extra)
 
-    assert_matches_peer(lambda v: run(fused.binary_focal_loss_with_logits, v,
-                                      hard_targets=kind == "hard_float_promised"),
+    hard_targets = {"hard_float_promised": True, "soft_declared": False}.get(kind)
+    assert_matches_peer(lambda v: run(fused.binary_focal_loss_with_logits, v, hard_targets=hard_targets),
                         lambda v: run(kornia_losses.binary_focal_loss_with_logits, v), x, gen)
 
 
@@ -102,8 +102,9 @@ def test_binary_module_defaults(kornia_losses, device, gen, dtype):
     assert_matches_peer(lambda v: ours(v, target.to(v.dtype)), lambda v: theirs(v, target.to(v.dtype)), x, gen)
 
 
-def test_soft_targets_need_kornias_formula(gen):
-    """Why the adapter does not pass soft targets to the dense kernel: torchvision's p_t is another loss."""
+def test_soft_targets_need_kornias_formula(gen, monkeypatch):
+    """Why the adapter does not pass soft targets to the dense kernel: torchvision's p_t is another loss. And
+    which targets take the single fused pass: hard ones, known as such (integer, CPU 0 / 1, or promised)."""
     kornia_losses = pytest.importorskip("kornia.losses")
     x = randn(SHAPE, gen, dtype=torch.float64, scale=2.0)
     soft = torch.rand(SHAPE, generator=gen, dtype=torch.float64)
@@ -111,6 +112,16 @@ def test_soft_targets_need_kornias_formula(gen):
     torch.testing.assert_close(fused.binary_focal_loss_with_logits(x, soft, reduction="sum"), expected)
     promised = fused.binary_focal_loss_with_logits(x, soft, reduction="sum", hard_targets=True)
     assert (promised - expected).abs() > 1e-3 * expected.abs()
+
+    calls = []
+    original = fused.sigmoid_focal_loss
+    monkeypatch.setattr(fused, "sigmoid_focal_loss", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+    hard = (soft < 0.3).double()
+    for target, hard_targets, passes in [(hard, None, ["sum"]), (hard.long(), None, ["sum"]), (soft, None, ["none"] * 2),
+                                         (soft, True, ["sum"]), (hard, False, ["none"] * 2)]:
+        calls.clear()
+        fused.binary_focal_loss_with_logits(x, target, reduction="sum", ignore_index=None, hard_targets=hard_targets)
+        assert calls == passes, (target.dtype, hard_targets, calls)
 
 
 def test_rejects_what_it_does_not_implement():

@@ -21,9 +21,11 @@ kornia's semantics, which are not focal_cuda's own, are reproduced here (kornia 
   class's slice, 0 elsewhere: the adapter scatters focal_cuda's ``(N, *)`` loss into it.
 - Binary: a fractional target ``t`` weights kornia's two terms by ``t`` and ``1 - t``; focal_cuda's dense
   form (like torchvision) takes ``p_t`` and ``alpha_t`` at the soft target. They agree for targets 0 and 1
-  only. Integer or bool targets are hard: one fused pass. Floating targets may be soft, so by default the
-  adapter computes kornia's formula as ``t FL(x | 1) + (1 - t) FL(x | 0)`` (two fused passes, exact for any
-  ``t``); ``hard_targets=True`` promises 0 / 1 values and keeps the single pass.
+  only. Integer or bool targets are hard: one fused pass. Floating targets may be soft: kornia's formula is
+  then computed as ``t FL(x | 1) + (1 - t) FL(x | 0)`` (two fused passes, exact for any ``t``).
+  ``hard_targets=None`` (the default) checks CPU targets for values other than 0 and 1 (a read of the
+  targets, no synchronisation on a CPU) and assumes GPU ones may be soft; ``True`` promises 0 / 1 values
+  (one pass), ``False`` always takes kornia's soft formula.
 - Binary ``ignore_index`` (default -100) masks single elements, which the dense kernel cannot: the adapter
   masks the unreduced loss (exact, a few more passes). ``ignore_index=None`` with hard targets: one pass.
 
@@ -65,6 +67,13 @@ def _class_alpha(alpha: Optional[float], weight: Optional[torch.Tensor], pred: t
     return factor if weight is None else factor * weight.reshape(-1)
 
 
+def _all_zero_or_one(target: torch.Tensor) -> bool:
+    """True only when the targets are known to be hard without a device synchronisation: CPU tensors, eager."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(((target == 0) | (target == 1)).all())
+
+
 def focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: Optional[float], gamma: float = 2.0,
                reduction: str = "none", weight: Optional[torch.Tensor] = None,
                ignore_index: Optional[int] = -100) -> torch.Tensor:
@@ -89,7 +98,7 @@ def focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: Optional[float],
 def binary_focal_loss_with_logits(pred: torch.Tensor, target: torch.Tensor, alpha: Optional[float] = 0.25,
                                   gamma: float = 2.0, reduction: str = "none",
                                   pos_weight: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                                  ignore_index: Optional[int] = -100, *, hard_targets: bool = False) -> torch.Tensor:
+                                  ignore_index: Optional[int] = -100, *, hard_targets: Optional[bool] = None) -> torch.Tensor:
     """``kornia.losses.binary_focal_loss_with_logits``: every element of ``(N, C, *)`` logits an independent
     binary logit, ``target`` of the same shape, kornia's semantics (see the module's docstring)."""
     if reduction not in ("none", "mean", "sum"):
@@ -106,6 +115,8 @@ def binary_focal_loss_with_logits(pred: torch.Tensor, target: torch.Tensor, alph
     if valid is not None:
         target = torch.where(valid, target, 0)
     soft = target.is_floating_point() and not hard_targets
+    if soft and hard_targets is None:
+        soft = not _all_zero_or_one(target)
     if target.dtype != pred.dtype:
         target = target.to(pred.dtype)
     fused_reduction = reduction if valid is None and weight is None and not soft else "none"
@@ -150,7 +161,7 @@ class BinaryFocalLossWithLogits(nn.Module):
 
     def __init__(self, alpha: Optional[float], gamma: float = 2.0, reduction: str = "none",
                  pos_weight: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                 ignore_index: Optional[int] = -100, *, hard_targets: bool = False) -> None:
+                 ignore_index: Optional[int] = -100, *, hard_targets: Optional[bool] = None) -> None:
         super().__init__()
         if pos_weight is not None:
             raise ValueError("pos_weight is not supported by focal_cuda's kernel: use kornia's "
