@@ -293,3 +293,8 @@ ALL_PROVIDERS = ["focal_cuda", "reference", "reference_compiled", "lean_cross_en
                  "flsd53_per_sample_loop", "liger_cross_entropy", "kornia", "focal_cuda_kornia", "kornia_binary",
                  "focal_cuda_kornia_binary", "focal_cuda_kornia_binary_hard", "fvcore", "fvcore_jit",
                  "focal_cuda_fvcore", "ultralytics", "focal_cuda_ultralytics", "smp", "focal_cuda_smp"]
+# The drop-in peers and their adapters run when named in --providers (smp alone takes seconds a step on a CPU).
+PEER_PROVIDERS = ["kornia", "focal_cuda_kornia", "kornia_binary", "focal_cuda_kornia_binary",
+                  "focal_cuda_kornia_binary_hard", "fvcore", "fvcore_jit", "focal_cuda_fvcore", "ultralytics",
+                  "focal_cuda_ultralytics", "smp", "focal_cuda_smp"]
+DEFAULT_PROVIDERS = [p for p in ALL_PROVIDERS if p not in PEER_PROVIDERS]

@@ -24,7 +24,7 @@ import focal_cuda
 from focal_cuda._quiet import quiet_cpu_only_notices
 
 from .memory import peak_step_mib, peak_step_mib_fresh_process
-from .providers import ALL_PROVIDERS, provider_factories
+from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, PEER_PROVIDERS, provider_factories
 from .timing import MODES, quantiles, time_copy_floor, time_step
 from .workloads import WORKLOADS
 
@@ -188,7 +188,9 @@ def _providers_help() -> str:
             where.setdefault(name, []).append(workload.name)
     parts = [f"{name} ({'every workload' if len(where.get(name, [])) == len(WORKLOADS) else ', '.join(where.get(name, [])) or 'not installed here'})"
              for name in ALL_PROVIDERS]
-    return "comma list of: " + "; ".join(parts) + ". A provider is skipped for workloads it does not apply to"
+    return ("comma list of: " + "; ".join(parts) + ". A provider is skipped for workloads it does not apply to. "
+            f"Default: all but the drop-in peers and focal_cuda's adapters for them ({', '.join(PEER_PROVIDERS)}), "
+            "which run when named")
 
 
 EPILOG = """\
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma list of forward (the loss of a training step), backward (loss.backward() "
                              "alone), full (both)")
-    parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help=_providers_help())
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=_providers_help())
     parser.add_argument("--small", action="store_true", help="the small variant of every workload")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 15 CPU, 100 GPU)")
     parser.add_argument("--warmup", type=int, default=3,
