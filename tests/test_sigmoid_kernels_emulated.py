@@ -2,7 +2,7 @@
 
 tests/cuda_emulation/emulated_kernels.cpp runs csrc/cuda/sigmoid_focal_loss_kernels.cuh on the CPU
 emulation of the CUDA programming model (tests/cuda_emulation/cuda_on_cpu.h) and exposes it to ctypes
-as sigmoid_focal_loss_kernel.cu launches it, each kernel behind the launcher's precondition:
+as sigmoid_focal_loss_launch.h launches it, each kernel behind the launcher's precondition:
 
   dense      sigmoid_focal_loss_dense_kernel<scalar, target, VEC>: floating targets of the input's dtype or
              of the accumulation dtype (float targets for half / bfloat16 input); a flat pass, VEC = 16 /
@@ -234,7 +234,7 @@ def refusal(kind: int, vec: bool, x: Logits, target: torch.Tensor, *, loss_align
 
 
 def launcher_vec(kind: int, x: Logits, target: torch.Tensor) -> bool:
-    """sigmoid_focal_loss_kernel.cu's `vectorizable` (for the channel-first kernel, which no launcher runs yet:
+    """sigmoid_focal_loss_launch.h's `vectorizable` (for the channel-first kernel, which no launcher runs yet:
     the vector kernel wherever its conditions hold)."""
     return refusal(kind, True, x, target) is None
 

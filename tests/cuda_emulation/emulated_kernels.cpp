@@ -11,11 +11,11 @@
 // Each entry point checks the preconditions the launcher guarantees before it
 // picks that kernel (alignment, strides, C within a register tile), so a test
 // cannot pass by running a kernel where the launcher never would.
-// The workspace mirrors softmax_focal_loss_kernel.cu: per-block partial losses
+// The workspace mirrors softmax_focal_loss_launch.h: per-block partial losses
 // (padded to 16 bytes), per-block partial counts, then two zeroed tickets
 // (forward, counting); the partials start as 0xff bytes (NaN, -1) so that a
 // kernel reading a partial nobody wrote is caught. The sigmoid entry points
-// (emu_sigmoid_*) take (rows, classes) instead, as sigmoid_focal_loss_kernel.cu
+// (emu_sigmoid_*) take (rows, classes) instead, as sigmoid_focal_loss_launch.h
 // views its contiguous input.
 #include "cuda_on_cpu.h"
 // The device code under test.
@@ -175,7 +175,7 @@ void run_forward(int variant, long long grid, long long count_grid, unsigned lon
                      args.partial_count, ws.tickets() + 1, args.state);
   }
 
-  // The launcher's preconditions for each kernel (softmax_focal_loss_kernel.cu, choose_kernel).
+  // The launcher's preconditions for each kernel (softmax_focal_loss_launch.h, choose_kernel).
   const bool class_contiguous = g.input_stride_c == 1 && (!compute_grad || g.grad_stride_c == 1);
   const bool positions_contiguous =
       g.spatial == 1 || (g.input_stride_s == 1 && (!compute_grad || g.grad_stride_s == 1));
