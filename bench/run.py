@@ -216,11 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--dtypes", default="float32", help="comma list: float32, float16, bfloat16, float64")
-    parser.add_argument("--modes", default=",".join(MODES),
+    parser.add_argument("--modes", default=None,
                         help="comma list of forward (the loss of a training step), backward (loss.backward() "
-                             "alone), full (both)")
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=_providers_help())
-    parser.add_argument("--small", action="store_true", help="the small variant of every workload")
+                             "alone), full (both); default: full (quick run), all three with --full")
+    parser.add_argument("--providers", default=None,
+                        help=_providers_help() + "; default: the eager ones (quick run), all with --full")
+    parser.add_argument("--small", action="store_true",
+                        help="the small variant of every workload (the default of a quick run on the CPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="the whole suite: every mode and provider (compiled baselines included) at the default "
+                             "sizes; without it a quick run: full steps only, eager providers, small shapes on a CPU")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 15 CPU, 100 GPU)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed repetitions first (compilation, lazy initialisation, caches; default 3)")
@@ -230,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write a torch.profiler trace of one full step per provider to DIR")
     return parser
+
+
+def quick_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """A quick run unless --full (minutes on 2 CPU cores, where torch.compile of the compiled baselines alone takes
+    minutes per shape): full steps, eager providers, small shapes on a CPU. Options given explicitly win."""
+    if args.modes is None:
+        args.modes = ",".join(MODES) if args.full else "full"
+    if args.providers is None:
+        args.providers = ",".join(p for p in DEFAULT_PROVIDERS if args.full or not p.endswith("_compiled"))
+    if not args.full and device.type == "cpu":
+        args.small = True
+    return args
 
 
 def main(argv=None) -> None:
@@ -245,6 +262,7 @@ def main(argv=None) -> None:
         parser.error(f"--device {args.device}: no GPU is visible to torch {torch.__version__} "
                      "(torch.cuda.is_available() is False); run on the CPU with --device cpu")
     workloads = _parse_list(args.workloads, WORKLOADS, "workloads")
+    args = quick_defaults(args, device)
     modes = _parse_list(args.modes, MODES, "modes")
     providers = _parse_list(args.providers, ALL_PROVIDERS, "providers")
     dtypes = [getattr(torch, d) for d in _parse_list(args.dtypes, ("float32", "float16", "bfloat16", "float64"),

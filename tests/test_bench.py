@@ -58,6 +58,20 @@ def _run_bench(*args, env=None, timeout=900):
     return out
 
 
+def test_default_is_a_quick_run():
+    """No options: full steps only, no compiled provider, the small shapes on a CPU; --full: everything."""
+    from bench.run import build_parser, quick_defaults
+
+    quick = quick_defaults(build_parser().parse_args([]), torch.device("cpu"))
+    assert quick.modes == "full" and quick.small and "compiled" not in quick.providers
+    assert "focal_cuda" in quick.providers.split(",") and "reference" in quick.providers.split(",")
+    full = quick_defaults(build_parser().parse_args(["--full"]), torch.device("cpu"))
+    assert full.modes == "forward,backward,full" and not full.small and "reference_compiled" in full.providers
+    explicit = quick_defaults(build_parser().parse_args(["--modes", "forward", "--providers", "reference_compiled"]),
+                              torch.device("cpu"))
+    assert explicit.modes == "forward" and explicit.providers == "reference_compiled"
+
+
 def _table_lines(stdout: str) -> list[str]:
     lines = stdout.splitlines()
     start = lines.index(TABLE_HEADER) + 2  # header, rule
@@ -69,7 +83,8 @@ def test_suite_runs_and_writes_csv_and_plot(tmp_path):
     csv_path, png_path = tmp_path / "results.csv", tmp_path / "results.png"
     # detection_dense and detection_index share a shape: one copy floor for both
     out = _run_bench("--reps", "2", "--warmup", "1", "--workloads", "detection_dense,detection_index,segmentation",
-                     "--providers", "focal_cuda,reference,torchvision", "--csv", str(csv_path), "--plot", str(png_path))
+                     "--providers", "focal_cuda,reference,torchvision", "--modes", "forward,backward,full",
+                     "--csv", str(csv_path), "--plot", str(png_path))
     print(out.stdout)
     rows = list(csv.DictReader(csv_path.open()))
     # detection_*: focal_cuda, reference, torchvision; segmentation: focal_cuda, reference; 3 modes each
@@ -128,8 +143,8 @@ def test_help_lists_every_option_and_provider():
 
 
 def test_readme_table_has_the_suites_layout():
-    """The README quotes the suite's table as printed: same header, same columns."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/bench.md (linked from the README) quotes the suite's table as printed: same header, same columns."""
+    readme = (ROOT / "docs" / "bench.md").read_text()
     assert TABLE_HEADER in readme
     quoted = readme[readme.index(TABLE_HEADER):].split("```")[0].splitlines()
     rows = [line for line in quoted[2:] if line.strip() and not line.startswith(("x fused", "copy floor"))]

@@ -5,7 +5,7 @@ tests/cuda_emulation/cuda_on_cpu.h is a small CPU implementation of the CUDA pro
 dynamic shared memory as a per-block buffer of 0xff bytes, __syncthreads and warp shuffles as
 barriers, atomics through std::atomic_ref). tests/cuda_emulation/emulated_kernels.cpp compiles
 csrc/cuda/softmax_focal_loss_kernels.cuh with it and exposes every kernel variant to ctypes, each
-behind the precondition its launcher (softmax_focal_loss_kernel.cu, choose_kernel) guarantees:
+behind the precondition its launcher (softmax_focal_loss_launch.h, choose_kernel) guarantees:
 
   rows<GROUP>        GROUP = 1 .. 256 lanes per position, the row in registers (> 32 lanes: several
                      warps per row, reduced through shared memory), any row start (edge vectors masked)
@@ -176,7 +176,7 @@ def applicable(v: Variant, g: Geometry, dtype: torch.dtype, compute_grad: bool =
 
 
 def launcher_choice(g: Geometry, dtype: torch.dtype, compute_grad: bool = True) -> Variant:
-    """choose_kernel (softmax_focal_loss_kernel.cu) in Python."""
+    """choose_kernel (softmax_focal_loss_launch.h) in Python."""
     class_contiguous = g.input_stride_c == 1 and (not compute_grad or g.grad_stride_c == 1)
     if class_contiguous:
         for v in ROWS:
@@ -436,7 +436,7 @@ def run_forward(emu: Emulator, x: Guarded, target: torch.Tensor, variant: Varian
                 gamma: Gamma = GAMMA["2"], alpha: float = 1.0, weight: Optional[ClassWeight] = None,
                 ignore_index: int = -100, reduction: str = "mean", compute_grad: bool = True, count_grid: int = 2,
                 order: int = 0, fold: Optional[bool] = None, loss_acc: bool = False) -> Forward:
-    """The forward op as softmax_focal_loss_kernel.cu runs it: the count pre-pass first when the mean is
+    """The forward op as softmax_focal_loss_launch.h runs it: the count pre-pass first when the mean is
     folded into the gradient (mean, gradient wanted, not float16), then the chosen kernel."""
     dtype = x.view.dtype
     acc = acc_dtype(dtype)

@@ -30,6 +30,7 @@ def test_readme_python_examples_run_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights either
+    monkeypatch.chdir(tmp_path)  # files an example writes (a reliability diagram) land there
     namespace: dict = {}
     for i, block in enumerate(python_blocks()):
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)

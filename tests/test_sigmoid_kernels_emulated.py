@@ -2,7 +2,7 @@
 
 tests/cuda_emulation/emulated_kernels.cpp runs csrc/cuda/sigmoid_focal_loss_kernels.cuh on the CPU
 emulation of the CUDA programming model (tests/cuda_emulation/cuda_on_cpu.h) and exposes it to ctypes
-as sigmoid_focal_loss_kernel.cu launches it, each kernel behind the launcher's precondition:
+as sigmoid_focal_loss_launch.h launches it, each kernel behind the launcher's precondition:
 
   dense      sigmoid_focal_loss_dense_kernel<scalar, target, VEC>: floating targets of the input's dtype or
              of the accumulation dtype (float targets for half / bfloat16 input); a flat pass, VEC = 16 /
@@ -41,7 +41,7 @@ import torch
 from conftest import assert_close_scaled
 
 from cuda_emulation.emulation_build import DTYPE_CODE, REDUCTION_CODE, TARGET_KIND, Guarded, bits, load_library
-from focal_cuda import reference
+from focal_cuda import GammaSchedule, reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -103,7 +103,7 @@ class SigmoidEmulator:
     def __init__(self, lib: ctypes.CDLL):
         ll, ull, i, d, p = ctypes.c_longlong, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
         lib.emu_sigmoid_focal_loss_forward.argtypes = [i, i, i, ll, ll, ull, p, p, i, p, p, i, ll, ll, ll, ll, ll, i,
-                                                       i, ll, d, p, p, i, d, p, i, d, i, p]
+                                                       i, ll, d, p, p, i, d, p, i, d, i, p, p, ll]
         lib.emu_count_valid_targets_items.argtypes = [i, ll, ull, p, i, ll, ll, ll, ll, p]
         lib.emu_focal_loss_backward_flat.argtypes = [i, i, ll, ull, p, p, ll, p, i, p]
         lib.emu_fast_divide.argtypes = [ll, p, ll, p]
@@ -234,7 +234,7 @@ def refusal(kind: int, vec: bool, x: Logits, target: torch.Tensor, *, loss_align
 
 
 def launcher_vec(kind: int, x: Logits, target: torch.Tensor) -> bool:
-    """sigmoid_focal_loss_kernel.cu's `vectorizable` (for the channel-first kernel, which no launcher runs yet:
+    """sigmoid_focal_loss_launch.h's `vectorizable` (for the channel-first kernel, which no launcher runs yet:
     the vector kernel wherever its conditions hold)."""
     return refusal(kind, True, x, target) is None
 
@@ -253,21 +253,23 @@ class Forward:
 
 def forward_rc(emu: SigmoidEmulator, *, kind, vec, grid, count_grid, order, x: Logits, target_ptr, target_kind,
                grad_ptr, loss_ptr, loss_acc, reduction, compute_grad, ignore_index, gamma: Gamma, alpha,
-               normalizer_ptr, host, normalizer, fold, state) -> int:
+               normalizer_ptr, host, normalizer, fold, state, image_normalizer=None) -> int:
     images, classes, spatial, stride_n, stride_c = x.launch_geometry()
     return emu.lib.emu_sigmoid_focal_loss_forward(
         DTYPE_CODE[x.view.dtype], kind, int(vec), grid, count_grid, order, x.view.data_ptr(), target_ptr, target_kind,
         grad_ptr, loss_ptr, int(loss_acc), images, classes, spatial, stride_n, stride_c, REDUCTION_CODE[reduction],
         int(compute_grad), ignore_index, gamma.gamma, doubles(gamma.thresholds), doubles(gamma.values),
         len(gamma.thresholds), alpha, normalizer_ptr, int(host), normalizer if host else 0.0, int(fold),
-        state.data_ptr())
+        state.data_ptr(), image_normalizer.data_ptr() if image_normalizer is not None else None,
+        image_normalizer.numel() if image_normalizer is not None else 0)
 
 
 def run_forward(emu: SigmoidEmulator, x: Logits, target: torch.Tensor, *, vec: bool = False, grid: int = 1,
                 count_grid: int = 2, order: int = 0, gamma: Gamma = GAMMA["2"], alpha: float = 0.25,
                 reduction: str = "mean", compute_grad: bool = True, ignore_index: int = -100,
                 mean_mode: str = "default", normalizer: float = 7.5, fold: Optional[bool] = None,
-                loss_acc: bool = False, target_offset: int = 0) -> Forward:
+                loss_acc: bool = False, target_offset: int = 0,
+                image_normalizer: Optional[torch.Tensor] = None) -> Forward:
     """The forward op as sigmoid_focal_loss_forward_cuda runs it: dense targets (floating, x's shape; the
     input's or the accumulation dtype) or index targets (integer, one per row / position). The mean is folded
     into the forward gradient when the launcher would fold it (mean, gradient wanted, not float16) unless
@@ -303,7 +305,8 @@ def run_forward(emu: SigmoidEmulator, x: Logits, target: torch.Tensor, *, vec: b
                          loss_acc=loss_acc, reduction=reduction, compute_grad=compute_grad, ignore_index=ignore_index,
                          gamma=gamma, alpha=alpha,
                          normalizer_ptr=device_normalizer.data_ptr() if device_normalizer is not None else None,
-                         host=host, normalizer=normalizer, fold=fold, state=state))
+                         host=host, normalizer=normalizer, fold=fold, state=state,
+                         image_normalizer=image_normalizer))
     assert loss.untouched(), "loss written out of bounds"
     assert grad is None or grad.untouched(), "gradient written out of bounds"
     assert x.buffer.untouched(), "the logits' guard region was written"
@@ -1199,3 +1202,70 @@ def test_emulated_shfl_sync_follows_cuda(emu, width):
         emu.check(emu.lib.emu_selftest_shuffle(3, src, width, out.data_ptr()))
         want = [1000 * b + (t - t % 32) + (t % 32) // width * width + src % width for b in range(2) for t in range(128)]
         assert out.tolist() == want, (width, src)
+
+
+# ============================================================================ per-image normalizers
+
+
+PER_IMAGE_CASES = [
+    # (kind, logits shape as the kernel reads it, images, layout): packs straddle image boundaries where the
+    # elements per image are not a multiple of VEC (7 x 5 = 35; 3 x 13 = 39).
+    ("dense", (21, 5), 3, None),
+    ("index", (21, 5), 3, None),
+    ("index", (12, 13), 4, None),
+    ("channels", (3, 5, 40), 3, "contiguous"),
+    ("channels", (2, 19, 35), 2, "padded"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", PER_IMAGE_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-img{c[2]}")
+@pytest.mark.parametrize("gamma", ["2", "3.7", "flsd53"])
+@pytest.mark.parametrize("vec", [False, True], ids=["scalar", "vec"])
+def test_per_image_normalizers(emu, dtype, case, gamma, vec, request):
+    """One normalizer per image (torchvision RetinaNet's per-image sum / max(1, num_fg) in one call): each
+    image's summed loss divided by its own value, then added; the gradient scaled per image in the forward
+    (folded for every dtype: reduction "mean", backward scale 1). Both compiled copies (gamma 2 and general),
+    and a schedule."""
+    kind_name, shape, images, layout = case
+    gen = seeded(request)
+    values = make_logits(shape, dtype, gen)
+    if kind_name == "channels":
+        x = channel_first(values, layout)
+        target = torch.randint(0, shape[1] + 1, (shape[0], shape[2]), generator=gen)
+        target[torch.rand(target.shape, generator=gen) < 0.2] = -1
+        kind = INDEX_CHANNELS
+    elif kind_name == "index":
+        x = classes_last(values)
+        target = torch.randint(0, shape[1] + 1, (shape[0],), generator=gen)
+        target[torch.rand(target.shape, generator=gen) < 0.2] = -1
+        kind = INDEX
+    else:
+        x = classes_last(values)
+        target = make_dense_target(shape, dtype, gen)
+        kind = DENSE_SAME
+    if vec and refusal(kind, True, x, target) is not None:
+        pytest.skip("the vector kernel does not apply to this layout")
+    acc = acc_dtype(dtype)
+    norms = (torch.rand(images, generator=gen, dtype=torch.float64) * 20 + 0.5).to(acc)
+    fwd = run_forward(emu, x, target, vec=vec, grid=3, gamma=GAMMA[gamma], reduction="mean", ignore_index=-1,
+                      fold=True, image_normalizer=norms)
+    # The oracle: the reference in float64 on the kernel's values, with the 1-D normalizer over the images.
+    xd = values.double()
+    if kind_name == "channels":
+        batched, t_ref = xd, target
+        class_dim = 1
+    else:
+        batched = xd.reshape(images, shape[0] // images, shape[1])
+        t_ref = target.reshape(images, -1) if kind_name == "index" else target.double().reshape(batched.shape)
+        class_dim = -1
+    xv = batched.clone().requires_grad_()
+    g = GAMMA[gamma]
+    ref_gamma = GammaSchedule(thresholds=g.thresholds, gammas=g.values + (g.gamma,)) if g.thresholds else g.gamma
+    want = reference.sigmoid_focal_loss(xv, t_ref, alpha=0.25, gamma=ref_gamma, reduction="mean", ignore_index=-1,
+                                        normalizer=norms.double(), class_dim=class_dim)
+    (want_grad,) = torch.autograd.grad(want, xv)
+    label = f"{request.node.name}"
+    assert_close_scaled(fwd.loss.view, want.detach(), fwd.loss.view.dtype, f"{label}: loss")
+    assert fwd.state[1].item() == 1.0, f"{label}: backward scale {fwd.state.tolist()}"
+    assert_close_scaled(fwd.raw_grad, want_grad.reshape(fwd.raw_grad.shape), dtype, f"{label}: gradient")

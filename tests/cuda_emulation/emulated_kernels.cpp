@@ -11,11 +11,11 @@
 // Each entry point checks the preconditions the launcher guarantees before it
 // picks that kernel (alignment, strides, C within a register tile), so a test
 // cannot pass by running a kernel where the launcher never would.
-// The workspace mirrors softmax_focal_loss_kernel.cu: per-block partial losses
+// The workspace mirrors softmax_focal_loss_launch.h: per-block partial losses
 // (padded to 16 bytes), per-block partial counts, then two zeroed tickets
 // (forward, counting); the partials start as 0xff bytes (NaN, -1) so that a
 // kernel reading a partial nobody wrote is caught. The sigmoid entry points
-// (emu_sigmoid_*) take (rows, classes) instead, as sigmoid_focal_loss_kernel.cu
+// (emu_sigmoid_*) take (rows, classes) instead, as sigmoid_focal_loss_launch.h
 // views its contiguous input.
 #include "cuda_on_cpu.h"
 // The device code under test.
@@ -175,7 +175,7 @@ void run_forward(int variant, long long grid, long long count_grid, unsigned lon
                      args.partial_count, ws.tickets() + 1, args.state);
   }
 
-  // The launcher's preconditions for each kernel (softmax_focal_loss_kernel.cu, choose_kernel).
+  // The launcher's preconditions for each kernel (softmax_focal_loss_launch.h, choose_kernel).
   const bool class_contiguous = g.input_stride_c == 1 && (!compute_grad || g.grad_stride_c == 1);
   const bool positions_contiguous =
       g.spatial == 1 || (g.input_stride_s == 1 && (!compute_grad || g.grad_stride_s == 1));
@@ -285,7 +285,8 @@ void run_sigmoid_forward(int variant, int vec, long long grid, long long count_g
                          long long input_stride_n, long long input_stride_c, int reduction, int compute_grad,
                          long long ignore_index, double gamma, const double* thresholds, const double* values,
                          int n_thresholds, double alpha, const void* normalizer, int has_host_normalizer,
-                         double host_normalizer, int fold_mean_into_forward, void* state) {
+                         double host_normalizer, int fold_mean_into_forward, void* state,
+                         const void* image_normalizer, long long image_count) {
   using acc_t = typename fd::AccumulateType<scalar_t>::type;
   constexpr int kVec = 16 / sizeof(scalar_t);
   constexpr int kChannelsVec = fd::sigmoid_channels_vec<scalar_t>();
@@ -314,6 +315,11 @@ void run_sigmoid_forward(int variant, int vec, long long grid, long long count_g
   args.count_rows = index_targets && normalizer == nullptr && !has_host_normalizer;
   args.host_denominator_as_given = has_host_normalizer != 0;
   args.host_denominator = static_cast<acc_t>(has_host_normalizer ? host_normalizer : static_cast<double>(numel));
+  if (image_normalizer != nullptr) {  // as the launcher: numel / images elements per image
+    require(image_count >= 1 && numel % image_count == 0, "image_count must divide the elements");
+    args.image_normalizer = static_cast<const acc_t*>(image_normalizer);
+    args.by_image_elements = fd::FastDivider::make(std::max<long long>(numel / image_count, 1));
+  }
   args.fold_mean_into_forward = fold_mean_into_forward != 0;
   args.state = static_cast<acc_t*>(state);
   const bool counting = index_targets && args.fold_mean_into_forward && args.count_rows;
@@ -538,7 +544,8 @@ int emu_softmax_focal_loss_backward(int dtype, int vec, long long grid, unsigned
 // fold_mean_into_forward and no normalizer, count_valid_targets_kernel runs first on
 // `count_grid` blocks (classes + 1 classes, items_per_target = classes). Normalizer:
 // `normalizer` a device value (accumulation dtype) or, with has_host_normalizer,
-// host_normalizer "as given"; neither: the default denominators.
+// host_normalizer "as given"; neither: the default denominators. image_normalizer (optional):
+// one value per image (accumulation dtype), image_count images of numel / image_count elements.
 int emu_sigmoid_focal_loss_forward(int dtype, int variant, int vec, long long grid, long long count_grid,
                                    unsigned long long order, const void* input, const void* target, int target_kind,
                                    void* grad, void* loss, int loss_acc_dtype, long long images, long long classes,
@@ -546,14 +553,15 @@ int emu_sigmoid_focal_loss_forward(int dtype, int variant, int vec, long long gr
                                    int reduction, int compute_grad, long long ignore_index, double gamma,
                                    const double* thresholds, const double* values, int n_thresholds, double alpha,
                                    const void* normalizer, int has_host_normalizer, double host_normalizer,
-                                   int fold_mean_into_forward, void* state) {
+                                   int fold_mean_into_forward, void* state, const void* image_normalizer,
+                                   long long image_count) {
   return guarded([&] {
     dispatch(dtype, [&](auto tag) {
       run_sigmoid_forward<decltype(tag)>(variant, vec, grid, count_grid, order, input, target, target_kind, grad, loss,
                                          loss_acc_dtype, images, classes, spatial, input_stride_n, input_stride_c,
                                          reduction, compute_grad, ignore_index, gamma, thresholds, values,
                                          n_thresholds, alpha, normalizer, has_host_normalizer, host_normalizer,
-                                         fold_mean_into_forward, state);
+                                         fold_mean_into_forward, state, image_normalizer, image_count);
     });
   });
 }

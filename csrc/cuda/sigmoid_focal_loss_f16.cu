@@ -1,0 +1,6 @@
+// The sigmoid focal loss kernels and launcher for __half logits (see sigmoid_focal_loss_launch.h).
+#include "sigmoid_focal_loss_launch.h"
+
+namespace focal_cuda {
+template FOCAL_SIGMOID_FORWARD_TYPED(__half);
+}  // namespace focal_cuda
