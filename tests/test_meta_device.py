@@ -104,7 +104,9 @@ def test_fake_kernels_check_devices():
         with pytest.raises(ValueError, match=r"target must be on the input's device cuda:0, got target\.device=cpu"):
             OP.softmax_focal_loss_forward(x, t, None, 1.0, 2.0, -100, 1, True)
         with pytest.raises(ValueError, match=r"alpha must be on .*alpha\.device=cpu"):
-            OP.softmax_focal_loss_forward(x, t.cuda(), torch.ones(5), 1.0, 2.0, -100, 1, True)
+            # created on the fake device, not moved there (.cuda() initialises CUDA on torch < 2.5)
+            OP.softmax_focal_loss_forward(x, torch.zeros(4, dtype=torch.long, device="cuda"), torch.ones(5), 1.0,
+                                          2.0, -100, 1, True)
         with pytest.raises(ValueError, match=r"targets must be on .*targets\.device=cpu"):
             OP.sigmoid_focal_loss_forward(x, torch.zeros(4, 5), 0.25, 2.0, -100, 1, None, True)
         # a CPU scalar normalizer is allowed with CUDA inputs (read on the host), as the kernels allow it
@@ -112,7 +114,7 @@ def test_fake_kernels_check_devices():
                                                       torch.tensor(2.0), True)
         assert loss.device.type == "cuda" and grad.shape == x.shape
         with pytest.raises(ValueError, match=r"normalizer must be on .*normalizer\.device=cuda"):
-            OP.sigmoid_focal_loss_forward(x.cpu(), torch.zeros(4, 5), 0.25, 2.0, -100, 1,
+            OP.sigmoid_focal_loss_forward(torch.empty(4, 5), torch.zeros(4, 5), 0.25, 2.0, -100, 1,
                                           torch.tensor(2.0, device="cuda"), True)
         with pytest.raises(ValueError, match=r"grad_output must be on .*grad_output\.device=cpu"):
             OP.focal_loss_backward(torch.empty(4, 5, device="cuda"), torch.empty(3, device="cuda"), torch.ones(()))
