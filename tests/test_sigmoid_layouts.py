@@ -90,6 +90,39 @@ def test_channel_first_target_dtypes_and_gammas(device, gen, target_dtype, gamma
     assert_close_scaled(g, ref_g, x.dtype, "grad")
 
 
+@pytest.mark.parametrize("gamma", ["flsd53", "schedule3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_first_gamma_schedules_and_saturated_logits(device, gen, dtype, gamma):
+    """Gamma chosen per element from its own p_t, with logits up to +-1e4 (p_t rounding to 0 or 1) and a
+    gamma in (0, 1) among the pieces: as the reference, finite everywhere."""
+    schedule = (focal_cuda.GammaSchedule.flsd53() if gamma == "flsd53"
+                else focal_cuda.GammaSchedule(thresholds=(0.05, 0.3, 0.7), gammas=(4.0, 2.0, 0.5, 1.5)))
+    x = randn((2, 6, 5, 11), gen, dtype=torch.float64, scale=4.0)
+    x[0, :, 0] = 1e4 * torch.sign(x[0, :, 0])  # saturated
+    x = x.to(dtype=dtype, device=device)
+    t = index_targets(2, 6, (5, 11), gen, ignore_index=-1).to(device)
+    kwargs = dict(alpha=0.25, gamma=schedule, reduction="sum", ignore_index=-1, class_dim=1)
+    go = torch.tensor(1.0, dtype=dtype, device=device)
+    loss, g = loss_and_grad(focal_cuda.sigmoid_focal_loss, x, t, go, **kwargs)
+    ref_loss, ref_g = reference_loss_and_grad(x, t, go, **kwargs)
+    ref_g = torch.where(torch.isnan(ref_g), torch.zeros_like(ref_g), ref_g)  # autograd's 0 * inf at m = 0
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert_close_scaled(loss, ref_loss, dtype, "loss")
+    assert_close_scaled(g, ref_g, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channel_first_autocast_gives_a_float32_loss(device, gen, dtype):
+    """Under autocast, 16-bit logits give a float32 loss (as F.cross_entropy there), read as they are."""
+    x = randn((2, 3, 4, 5), gen, dtype=dtype, device=device, scale=2.0)
+    t = index_targets(2, 3, (4, 5), gen, ignore_index=-1).to(device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        loss = focal_cuda.sigmoid_focal_loss(x, t, reduction="mean", ignore_index=-1, class_dim=1)
+    assert loss.dtype == torch.float32
+    ref = reference.sigmoid_focal_loss(x.double(), t, reduction="mean", ignore_index=-1, class_dim=1)
+    assert_close_scaled(loss, ref, dtype, "loss")
+
+
 def test_channel_first_equals_classes_last(device, gen):
     """The same positions with the classes moved last give the same loss and the same gradient (permuted)."""
     x = randn((2, 6, 5, 11), gen, device=device)
