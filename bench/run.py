@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rounds(reps: int, rounds: int = 3) -> list[int]:
+    """reps split into up to `rounds` interleaved rounds (at least one repetition each)."""
+    rounds = max(1, min(rounds, reps))
+    return [reps // rounds + (1 if r < reps % rounds else 0) for r in range(rounds)]
+
+
 def quick_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """A quick run unless --full (minutes on 2 CPU cores, where torch.compile of the compiled baselines alone takes
     minutes per shape): full steps, eager providers, small shapes on a CPU. Options given explicitly win."""
@@ -298,7 +304,11 @@ def main(argv=None) -> None:
                                                                     allocate=True)))
             floor, alloc_copy = floors[(shape, dtype)][0][0], floors[(shape, dtype)][1][0]
             fused_bytes = w.fused_bytes(x0, t0)
-            results = {}
+            # Providers are timed in interleaved rounds (each round: every provider and mode, a third of the
+            # repetitions), so that a drift during the run (CPU frequency, caches, the allocator's state, other
+            # jobs) falls on every provider alike instead of on whichever happens to run first or last: timed in
+            # one block each, the same kernel measured up to 1.5x apart depending on its place in the order.
+            entries = []
             for name in [p for p in providers if p in provider_factories(w)]:
                 provider = provider_factories(w)[name]()
                 prepared = [(x, provider.prepare_targets(x, t)) for x, t in inputs]
@@ -308,12 +318,19 @@ def main(argv=None) -> None:
                             else peak_step_mib_fresh_process(workload_name, name, dtype, shape))
                 if args.profile:
                     _profile(provider, prepared, device, args.profile, f"{workload_name}_{str(dtype)[6:]}_{name}")
-                for mode in modes:
-                    bar.set_postfix_str(f"{workload_name} {name} {mode}")
-                    results[(name, mode)] = (quantiles(time_step(provider.fn, prepared, mode, device, args.warmup,
-                                                                 reps)), peak)
-                    bar.update(1)
-                del prepared, provider
+                entries.append((name, provider, prepared, peak))
+            samples: dict = {}
+            for r, round_reps in enumerate(_rounds(reps)):
+                for name, provider, prepared, peak in entries:
+                    for mode in modes:
+                        bar.set_postfix_str(f"{workload_name} {name} {mode} (round {r + 1})")
+                        samples.setdefault((name, mode), []).extend(
+                            time_step(provider.fn, prepared, mode, device, args.warmup if r == 0 else 1, round_reps))
+                        if r == 0:
+                            bar.update(1)
+            results = {(name, mode): (quantiles(samples[(name, mode)]), peak)
+                       for name, _, _, peak in entries for mode in modes}
+            del entries
             for (name, mode), ((median, q20, q80), peak) in results.items():
                 fused = results.get(("focal_cuda", mode))
                 rows.append(dict(meta, workload=workload_name, shape="x".join(map(str, shape)),
