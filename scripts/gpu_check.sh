@@ -27,6 +27,10 @@ start=$(date +%s)
 declare -A verdict
 stamp() { echo "[gpu_check $(( $(date +%s) - start ))s] $*"; }
 
+if ! "$PY" -c "import torch" 2> /dev/null; then
+  echo "gpu_check: $PY cannot import torch: set PYTHON to the interpreter that has your torch" >&2
+  exit 2
+fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no GPU visible to torch ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1))" >&2
   exit 2
