@@ -378,19 +378,28 @@ def _fmt(value: float, spec: str) -> str:
     return "-" if value != value else format(value, spec)
 
 
-TABLE_HEADER = (f"{'workload':<16} {'shape':<14} {'dtype':<8} {'provider':<21} {'mode':<8} {'median ms':>10} "
-                f"{'q20-q80 ms':>15} {'x floor':>8} {'x fused':>8} {'fused GB/s':>10} {'peak MiB':>9}")
+def table_header(workload_width: int = 16, provider_width: int = 21) -> str:
+    return (f"{'workload':<{workload_width}} {'shape':<14} {'dtype':<8} {'provider':<{provider_width}} {'mode':<8} "
+            f"{'median ms':>10} {'q20-q80 ms':>15} {'x floor':>8} {'x fused':>8} {'fused GB/s':>10} {'peak MiB':>9}")
+
+
+TABLE_HEADER = table_header()  # the widths of the default workloads and providers
 X_FUSED_NOTE = ("x fused: full steps only (focal_cuda computes the gradient in its forward, so a forward or backward "
                 "alone does not compare like with like)")
 
 
 def print_table(rows, floors, device) -> None:
-    print(TABLE_HEADER)
-    print("-" * len(TABLE_HEADER))
+    # Columns as wide as the longest workload and provider names of this run (classification_flsd53,
+    # focal_cuda_kornia_binary_hard), so that every row lines up under the header.
+    ww = max([16] + [len(r["workload"]) for r in rows])
+    pw = max([21] + [len(r["provider"]) for r in rows])
+    header = table_header(ww, pw)
+    print(header)
+    print("-" * len(header))
     for r in rows:
         gbps = "" if r["fused_gb_per_s"] != r["fused_gb_per_s"] else f"{r['fused_gb_per_s']:.1f}"
         peak = "" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
-        print(f"{r['workload']:<16} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<21} {r['mode']:<8} "
+        print(f"{r['workload']:<{ww}} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<{pw}} {r['mode']:<8} "
               f"{r['median_ms']:>10.2f} {r['q20_ms']:>7.2f}-{r['q80_ms']:<7.2f} {r['x_floor']:>8.2f} "
               f"{_fmt(r['x_focal_cuda'], '.2f'):>8} {gbps:>10} {peak:>9}")
     print(X_FUSED_NOTE)
