@@ -125,11 +125,12 @@ def _access_width(opcode: str) -> int:
     return 4
 
 
-def collect(library: Path, cuobjdump: str) -> list[KernelUsage]:
-    """Resource usage and global access widths of every focal_cuda kernel in ``library``."""
+def resource_usage(text: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(architecture, mangled kernel, {REG, STACK, SHARED, LOCAL, ...}) of every focal_cuda kernel in the output
+    of ``cuobjdump --dump-resource-usage``."""
     usage: list[tuple[str, str, dict[str, int]]] = []
     arch = None
-    for line in _run(cuobjdump, "--dump-resource-usage", library=library).splitlines():
+    for line in text.splitlines():
         m = re.search(r"arch = (sm_\d+a?)", line)
         if m:
             arch = m.group(1)
@@ -138,26 +139,38 @@ def collect(library: Path, cuobjdump: str) -> list[KernelUsage]:
         if m:
             usage.append((arch, m.group(1), {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.split(":", 1)[1])}))
             continue
+        # The figures may stand on the line after the function name.
         if usage and "REG:" in line and not usage[-1][2]:
             usage[-1] = (usage[-1][0], usage[-1][1], {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
-    usage = [u for u in usage if "focal_cuda" in u[1]]
-    names = demangle(sorted({u[1] for u in usage}))
-    # Global access widths from the machine code, per (arch, mangled name).
-    widths: dict[tuple[str, str], list[int]] = {}
-    sass_arch, function = None, None
-    for line in _run(cuobjdump, "-sass", library=library).splitlines():
+    return [u for u in usage if "focal_cuda" in u[1]]
+
+
+def sass_lines(text: str):
+    """(architecture, mangled function, line) for every instruction line of ``cuobjdump -sass`` output."""
+    arch, function = None, None
+    for line in text.splitlines():
         m = re.search(r"arch = (sm_\d+a?)", line)
         if m:
-            sass_arch = m.group(1)
+            arch = m.group(1)
             continue
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             function = m.group(1)
-            widths.setdefault((sass_arch, function), [0, 0, 0])
             continue
+        if function is not None:
+            yield arch, function, line
+
+
+def collect(library: Path, cuobjdump: str) -> list[KernelUsage]:
+    """Resource usage and global access widths of every focal_cuda kernel in ``library``."""
+    usage = resource_usage(_run(cuobjdump, "--dump-resource-usage", library=library))
+    names = demangle(sorted({u[1] for u in usage}))
+    # Global access widths from the machine code, per (arch, mangled name): widest load, widest store, loads.
+    widths: dict[tuple[str, str], list[int]] = {}
+    for arch, function, line in sass_lines(_run(cuobjdump, "-sass", library=library)):
+        w = widths.setdefault((arch, function), [0, 0, 0])
         m = re.search(r"\b(LDG|STG)(\.[A-Z0-9.]+)?\s", line)
-        if m and function is not None:
-            w = widths[(sass_arch, function)]
+        if m:
             width = _access_width(m.group(2) or "")
             if m.group(1) == "LDG":
                 w[0] = max(w[0], width)
@@ -191,20 +204,11 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^
 def streaming_loops(library: Path, cuobjdump: str) -> list[StreamingLoop]:
     """The streaming loop of each focal_cuda kernel, per architecture."""
     functions: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
-    sass_arch, function = None, None
-    for line in _run(cuobjdump, "-sass", library=library).splitlines():
-        m = re.search(r"arch = (sm_\d+a?)", line)
-        if m:
-            sass_arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            function = m.group(1)
-            functions[(sass_arch, function)] = []
-            continue
+    for arch, function, line in sass_lines(_run(cuobjdump, "-sass", library=library)):
+        code = functions.setdefault((arch, function), [])
         m = _SASS_LINE.search(line)
-        if m and function is not None:
-            functions[(sass_arch, function)].append((int(m.group(1), 16), m.group(3), m.group(4)))
+        if m:
+            code.append((int(m.group(1), 16), m.group(3), m.group(4)))
     names = demangle(sorted({f for _, f in functions if "focal_cuda" in f}))
     out = []
     for (arch, mangled), code in functions.items():

@@ -66,22 +66,9 @@ def test_ptx_for_forward_compatibility():
 
 def _resource_usage() -> list[tuple[str, str, dict[str, int]]]:
     """(architecture, kernel, {REG, STACK, SHARED, LOCAL, ...}) for every focal_cuda kernel."""
-    rows, arch = [], None
-    for line in _run("--dump-resource-usage").splitlines():
-        m = re.search(r"arch = (sm_\d+a?)", line)
-        if m:
-            arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            name = m.group(1)
-            fields = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.split(":", 1)[1])}
-            rows.append((arch, name, fields))
-            continue
-        # The figures may stand on the line after the function name.
-        if rows and "REG:" in line and not rows[-1][2]:
-            rows[-1] = (rows[-1][0], rows[-1][1], {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
-    return [r for r in rows if "focal_cuda" in r[1]]
+    from focal_cuda import kernel_report
+
+    return kernel_report.resource_usage(_run("--dump-resource-usage"))
 
 
 def test_no_spills_and_no_local_memory():
